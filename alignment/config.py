@@ -1,0 +1,168 @@
+"""Typed configuration: the one place where every default lives.
+
+Each Hydra config group (``model``, ``data``, ``sft``, ``dpo``, ``eval``) is a dataclass below,
+registered in Hydra's ConfigStore as the schema of that group. The YAML files under ``conf/``
+only name alternatives; recipes under ``recipes/`` only list stages and override what differs.
+Because the schema is structured, ``dpo.betta=0.2`` or ``sft.learning_rate=abc`` fails while
+Hydra composes the config, before anything is loaded.
+
+    python -m alignment.run +recipe=sft_then_dpo --cfg job   # print the composed config
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+STAGES = ("sft", "dpo")
+
+
+@dataclass
+class ModelConfig:
+    """Which model the chain starts from.
+
+    With ``name_or_path`` unset, the embedded default is built: a small Llama initialised from
+    the architecture fields below (fixed seed) and a character-level tokenizer with a chat
+    template. Set it to a local Hugging Face directory (or a hub id, which needs the network)
+    to start from a real model instead; the architecture fields are then ignored.
+    """
+
+    name_or_path: Optional[str] = None
+    tokenizer_name_or_path: Optional[str] = None  # defaults to name_or_path
+    # A Jinja chat template for real tokenizers that have none (or whose template does not
+    # mark assistant turns with {% generation %}); None keeps the tokenizer's own.
+    chat_template: Optional[str] = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"
+    # Architecture of the embedded model (used only when name_or_path is unset).
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 384
+    max_position_embeddings: int = 256
+    init_seed: int = 0
+
+
+@dataclass
+class SuiteConfig:
+    """The built-in instruction task suite (alignment.suite), generated from a seed."""
+
+    seed: int = 0
+    n_train: int = 20000  # training prompts (instances may repeat when a family is small)
+    n_eval: int = 400  # held-out prompts, half with phrasings never seen in training
+    families: Optional[List[str]] = None  # None: every family
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from.
+
+    ``path`` unset: the built-in task suite (with exact verifiers, so gold accuracy is known).
+    ``path`` set: a local .json/.jsonl/.parquet/.csv file or a ``datasets`` name. SFT reads
+    ``messages`` or ``prompt``/``completion`` rows (or ``prompt``/``chosen``); DPO reads
+    ``prompt``/``chosen``/``rejected`` rows. A stage's own ``data_path`` overrides this one.
+    """
+
+    path: Optional[str] = None
+    split: str = "train"
+    eval_fraction: float = 0.05  # share of rows held out for evaluation
+    max_eval_rows: int = 200
+    suite: SuiteConfig = field(default_factory=SuiteConfig)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation knobs shared by every trained stage."""
+
+    learning_rate: float = 1e-4
+    per_device_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    num_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_epochs
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_seq_tokens: int = 128  # prompt + response, in tokens
+    logging_every_n_steps: int = 10
+    # Starting checkpoint: None takes the parent stage's checkpoint (or model.* for the first
+    # stage); a path to an HF directory or a previous stage's directory overrides it.
+    init_from: Optional[str] = None
+    data_path: Optional[str] = None  # overrides data.path for this stage
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on instruction/response pairs (TRL SFTTrainer)."""
+
+    learning_rate: float = 3e-3
+    per_device_batch_size: int = 64
+    num_epochs: float = 1.0
+    assistant_only_loss: bool = True  # loss on assistant tokens only, via {% generation %}
+
+
+@dataclass
+class PairsConfig:
+    """How DPO preference pairs are made on the task suite: sample the parent policy, label by
+    the verifier, pair a correct response (chosen) with an incorrect one (rejected)."""
+
+    n_prompts: int = 3000
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    max_pairs_per_prompt: int = 2
+    # When no sample of a prompt is correct, use the gold answer as the chosen response.
+    gold_when_no_correct: bool = True
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation (TRL DPOTrainer) against the frozen parent policy."""
+
+    learning_rate: float = 5e-4
+    per_device_batch_size: int = 32
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation after every stage on the held-out prompts."""
+
+    enabled: bool = True
+    n_prompts: Optional[int] = None  # None: every held-out prompt
+    samples_per_prompt: int = 4  # sampled accuracy uses this many samples at `temperature`
+    temperature: float = 1.0
+    max_new_tokens: int = 16
+    batch_size: int = 256
+    eval_start_model: bool = True  # also evaluate the model the first stage starts from
+
+
+@dataclass
+class AlignmentConfig:
+    """The whole run. ``stages`` comes from the recipe (``+recipe=NAME``)."""
+
+    stages: List[str] = field(default_factory=list)
+    run_name: Optional[str] = None  # default: the recipe's name (multirun: plus the overrides)
+    output_dir: str = "outputs"
+    seed: int = 0
+    # Torch threads per process; 0 = the cores this process may use divided by local processes.
+    num_threads: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    recipe: Optional[str] = None  # filled in from +recipe=NAME; recorded in every result.json
+
+
+GROUPS = {"model": ModelConfig, "data": DataConfig, "sft": SFTConfig, "dpo": DPOConfig, "eval": EvalConfig}
+
+
+def register_schemas() -> None:
+    """Register the schemas; conf/config.yaml and each group's YAML extend them."""
+    cs = ConfigStore.instance()
+    cs.store(name="alignment_schema", node=AlignmentConfig)
+    for group, schema in GROUPS.items():
+        cs.store(group=group, name=f"{group}_schema", node=schema)

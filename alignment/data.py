@@ -1,0 +1,177 @@
+"""Training and held-out data for each stage, from the built-in suite or from a dataset file.
+
+Suite data comes with exact verifiers (gold accuracy). File data goes through the real
+``datasets.load_dataset`` code: local ``.json``/``.jsonl``/``.parquet``/``.csv`` files or a
+dataset name (which needs the network). Rows are converted once to TRL's conversational form:
+
+- SFT: ``{"messages": [...]}`` from ``messages``, ``prompt``/``completion`` or ``prompt``/``chosen``;
+- DPO: ``{"prompt": [...], "chosen": [...], "rejected": [...]}`` from ``prompt``/``chosen``/``rejected``.
+
+A row that fits neither shape stops the run with the file, the row number and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from datasets import Dataset
+
+from alignment.config import DataConfig, SuiteConfig
+from alignment.evaluate import example_split, user_turn
+from alignment.suite import Example, Suite, build_suite, suite_fingerprint
+
+_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message names the file and row and says how to fix it."""
+
+
+@dataclass
+class HeldOut:
+    """What a stage is evaluated on: verified suite examples, or plain prompts from a file."""
+
+    examples: list[Example] = field(default_factory=list)
+    unseen: frozenset[Example] = frozenset()
+    prompts: list[list[dict[str, str]]] = field(default_factory=list)
+
+
+@dataclass
+class StageData:
+    train: Dataset
+    held_out: HeldOut
+    fingerprint: str
+    counts: dict[str, Any]
+    eval_pairs: Optional[Dataset] = None  # DPO: held-out preference pairs
+
+
+_SUITES: dict[tuple, Suite] = {}
+
+
+def load_suite(cfg: SuiteConfig) -> Suite:
+    """Build (once per process) the suite the config describes."""
+    key = (cfg.seed, cfg.n_train, cfg.n_eval, tuple(cfg.families or ()))
+    if key not in _SUITES:
+        _SUITES[key] = build_suite(seed=cfg.seed, n_train=cfg.n_train, n_eval=cfg.n_eval, families=cfg.families or None)
+    return _SUITES[key]
+
+
+def suite_held_out(suite: Suite) -> HeldOut:
+    return HeldOut(examples=example_split(suite.eval_seen, suite.eval_unseen), unseen=frozenset(suite.eval_unseen))
+
+
+def sft_data(cfg: DataConfig, *, data_path: Optional[str], seed: int) -> StageData:
+    path = data_path or cfg.path
+    if path is None:
+        suite = load_suite(cfg.suite)
+        rows = [{"messages": user_turn(e.prompt) + [{"role": "assistant", "content": e.answer}]} for e in suite.train]
+        return StageData(
+            train=Dataset.from_list(rows),
+            held_out=suite_held_out(suite),
+            fingerprint=f"suite:{suite_fingerprint(suite)}",
+            counts={"source": "suite", "rows": len(rows)},
+        )
+    raw = load_rows(path, split=cfg.split)
+    rows = [_to_messages(row, path=path, index=i) for i, row in enumerate(raw)]
+    train, held = _split(rows, cfg=cfg, seed=seed)
+    return StageData(
+        train=Dataset.from_list(train),
+        held_out=HeldOut(prompts=[r["messages"][:-1] for r in held]),
+        fingerprint=f"file:{fingerprint_rows(rows)}",
+        counts={"source": path, "rows_read": len(raw), "train_rows": len(train), "eval_rows": len(held)},
+    )
+
+
+def preference_file_data(cfg: DataConfig, *, path: str, seed: int) -> StageData:
+    raw = load_rows(path, split=cfg.split)
+    rows = [_to_pair(row, path=path, index=i) for i, row in enumerate(raw)]
+    train, held = _split(rows, cfg=cfg, seed=seed)
+    return StageData(
+        train=Dataset.from_list(train),
+        held_out=HeldOut(prompts=[r["prompt"] for r in held]),
+        fingerprint=f"file:{fingerprint_rows(rows)}",
+        counts={"source": path, "rows_read": len(raw), "train_pairs": len(train), "eval_pairs": len(held)},
+        eval_pairs=Dataset.from_list(held) if held else None,
+    )
+
+
+def load_rows(path: str, *, split: str) -> list[dict[str, Any]]:
+    """Rows of a local file (by extension) or of a ``datasets`` name, through load_dataset."""
+    import datasets
+
+    local = Path(path).expanduser()
+    if local.suffix.lower() in _LOCAL_BUILDERS or local.exists():
+        if not local.is_file():
+            raise DataError(f"data file {local} does not exist: set data.path (or <stage>.data_path) to an existing file")
+        builder = _LOCAL_BUILDERS.get(local.suffix.lower())
+        if builder is None:
+            raise DataError(f"data file {local}: unknown extension {local.suffix!r}; use one of {sorted(_LOCAL_BUILDERS)}")
+        try:
+            loaded = datasets.load_dataset(builder, data_files=str(local.resolve()), split="train")
+        except Exception as err:  # the builders raise many types; all mean the file is unreadable
+            raise DataError(f"data file {local} could not be read as {builder}: {err}") from err
+        return loaded.to_list()
+    try:
+        return datasets.load_dataset(path, split=split).to_list()
+    except Exception as err:
+        raise DataError(
+            f"dataset {path!r} could not be loaded ({type(err).__name__}: {err}). Offline, only local files work: "
+            "pass a path to a .json/.jsonl/.parquet/.csv file"
+        ) from err
+
+
+def fingerprint_rows(rows: Sequence[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(list(rows), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _split(rows: list[dict], *, cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(cfg.max_eval_rows, int(round(len(rows) * cfg.eval_fraction)))
+    held = sorted(order[:n_eval])
+    keep = sorted(order[n_eval:])
+    return [rows[i] for i in keep], [rows[i] for i in held]
+
+
+def _as_turns(value: Any, role: str, *, where: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+    raise DataError(f"{where}: expected a string or a list of {{role, content}} messages, got {type(value).__name__}")
+
+
+def _to_messages(row: dict[str, Any], *, path: str, index: int) -> dict[str, Any]:
+    where = f"{path}, row {index}"
+    if "messages" in row:
+        messages = _as_turns(row["messages"], "user", where=f"{where}, key 'messages'")
+    elif "prompt" in row and ("completion" in row or "chosen" in row):
+        key = "completion" if "completion" in row else "chosen"
+        messages = _as_turns(row["prompt"], "user", where=f"{where}, key 'prompt'") + _as_turns(
+            row[key], "assistant", where=f"{where}, key {key!r}"
+        )
+    else:
+        raise DataError(
+            f"{where}: an SFT row needs 'messages', or 'prompt' with 'completion' (or 'chosen'); "
+            f"it has {sorted(row)}. Rename the columns or convert the file"
+        )
+    if not messages or messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the conversation must end with an assistant turn to train on")
+    return {"messages": messages}
+
+
+def _to_pair(row: dict[str, Any], *, path: str, index: int) -> dict[str, Any]:
+    where = f"{path}, row {index}"
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+    if missing:
+        raise DataError(f"{where}: a preference row needs 'prompt', 'chosen' and 'rejected'; missing {missing}")
+    return {
+        "prompt": _as_turns(row["prompt"], "user", where=f"{where}, key 'prompt'"),
+        "chosen": _as_turns(row["chosen"], "assistant", where=f"{where}, key 'chosen'"),
+        "rejected": _as_turns(row["rejected"], "assistant", where=f"{where}, key 'rejected'"),
+    }

@@ -1,0 +1,126 @@
+"""Batched generation and response log-probabilities, shared by evaluation and pair sampling.
+
+Both work on chat prompts (a list of messages ending with a user turn) rendered with the
+tokenizer's chat template and ``add_generation_prompt=True``, exactly as SFT and DPO see them.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    num_tokens: int  # generated tokens, the end-of-sequence token included when emitted
+    ended: bool  # emitted end-of-sequence before max_new_tokens
+
+
+def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Messages]) -> list[list[int]]:
+    return [
+        tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        for p in prompts
+    ]
+
+
+@contextmanager
+def _eval_mode(model: PreTrainedModel) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Messages],
+    *,
+    num_samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+) -> list[list[Generation]]:
+    """``num_samples`` responses per prompt; ``temperature == 0`` means greedy decoding."""
+    prompt_ids = render_prompts(tokenizer, prompts)
+    flat = [ids for ids in prompt_ids for _ in range(num_samples)]
+    # Sorting by length keeps left padding short; results are put back in order at the end.
+    order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
+    texts: list[Generation | None] = [None] * len(flat)
+    device = next(model.parameters()).device
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        with _eval_mode(model):
+            for start in range(0, len(order), batch_size):
+                index = order[start : start + batch_size]
+                for i, gen in zip(index, _generate_batch(model, tokenizer, [flat[i] for i in index], temperature, max_new_tokens, device)):
+                    texts[i] = gen
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]  # type: ignore[misc]
+
+
+def _generate_batch(model, tokenizer, batch: list[list[int]], temperature: float, max_new_tokens: int, device) -> list[Generation]:
+    width = max(len(ids) for ids in batch)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+        **sampling,
+    )
+    results = []
+    for row in out[:, width:].tolist():
+        ended = tokenizer.eos_token_id in row
+        tokens = row[: row.index(tokenizer.eos_token_id) + 1] if ended else row
+        text_tokens = tokens[:-1] if ended else tokens
+        results.append(Generation(tokenizer.decode(text_tokens, skip_special_tokens=True), len(tokens), ended))
+    return results
+
+
+def response_logps(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Messages],
+    responses: Sequence[str],
+    *,
+    batch_size: int,
+) -> torch.Tensor:
+    """Sum of log-probabilities of each response (its end-of-sequence token included)."""
+    prompt_ids = render_prompts(tokenizer, prompts)
+    response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
+    device = next(model.parameters()).device
+    totals = []
+    with _eval_mode(model):
+        for start in range(0, len(prompt_ids), batch_size):
+            p_batch = prompt_ids[start : start + batch_size]
+            r_batch = response_ids[start : start + batch_size]
+            seqs = [p + r for p, r in zip(p_batch, r_batch)]
+            width = max(len(s) for s in seqs)
+            input_ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs], device=device)
+            attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+            mask = torch.tensor(
+                [[0] * len(p) + [1] * len(r) + [0] * (width - len(p) - len(r)) for p, r in zip(p_batch, r_batch)],
+                device=device,
+            )
+            logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            totals.append((logp * mask[:, 1:]).sum(-1).cpu())
+    return torch.cat(totals)

@@ -1,0 +1,178 @@
+"""What a stage leaves behind, written so that a crash never leaves a half-truth on disk.
+
+A stage directory ``<output_dir>/<run_name>/<stage>/`` holds ``checkpoint/`` (Hugging Face
+format) and ``result.json`` (a ``StageResult``). The order of writes is what makes it safe:
+
+1. the old ``result.json`` is removed before the stage starts training, so a stage that dies
+   never leaves a record describing weights that are about to change;
+2. the new checkpoint is written into a temporary sibling directory and renamed into place;
+3. only then is ``result.json`` written (temporary file, fsync, ``os.replace``).
+
+A ``result.json`` therefore always points at a complete checkpoint whose content hash it holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+RESULT_FILE = "result.json"
+CHECKPOINT_DIR = "checkpoint"
+SCHEMA_VERSION = 1
+_HASH_CHUNK_BYTES = 1 << 20
+_TRACKED_PACKAGES = ("alignment", "torch", "transformers", "trl", "datasets", "accelerate", "deepspeed", "peft", "hydra-core")
+
+
+@dataclass
+class StageResult:
+    """The typed record a stage hands to the next one (``result.json``)."""
+
+    stage: str
+    status: str  # "complete" | "failed"
+    checkpoint: Optional[str]  # absolute path of the HF checkpoint directory
+    checkpoint_hash: Optional[str]  # sha256 over the checkpoint's files (see hash_directory)
+    parent_stage: Optional[str]  # stage name, or None for the first stage
+    parent_checkpoint: Optional[str]  # the checkpoint this stage started from (dir or hub id)
+    parent_checkpoint_hash: Optional[str]  # None when it was built from config or is a hub id
+    data_fingerprint: Optional[str]
+    inputs_hash: str  # hash of config + parent hash + data fingerprint: a change reruns the stage
+    config: dict[str, Any]  # the fully resolved stage config
+    metrics: dict[str, Any] = field(default_factory=dict)
+    start_metrics: dict[str, Any] = field(default_factory=dict)  # the starting model, evaluated
+    data: dict[str, Any] = field(default_factory=dict)  # counts of rows read, kept, dropped
+    wall_seconds: float = 0.0
+    versions: dict[str, str] = field(default_factory=dict)
+    git_commit: Optional[str] = None
+    error: Optional[str] = None
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "StageResult":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_result(stage_dir: Path) -> Optional[StageResult]:
+    """The stage's record, or None when there is none (or it is unreadable: then it reruns)."""
+    path = stage_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return StageResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, TypeError):
+        return None
+
+
+def hash_directory(directory: Path) -> str:
+    """sha256 over every file's relative path and bytes, in sorted order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
+        with open(path, "rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK_BYTES):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def new_checkpoint_dir(stage_dir: Path) -> Path:
+    """A fresh temporary directory to save the checkpoint into before it is committed."""
+    tmp = stage_dir / f".{CHECKPOINT_DIR}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_checkpoint(tmp: Path, stage_dir: Path) -> Path:
+    """Move a fully written checkpoint into ``<stage_dir>/checkpoint`` (replacing an old one)."""
+    final = stage_dir / CHECKPOINT_DIR
+    _fsync_tree(tmp)
+    if final.exists():
+        retired = stage_dir / f".{CHECKPOINT_DIR}.old-{os.getpid()}"
+        os.replace(final, retired)
+        os.replace(tmp, final)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(stage_dir)
+    return final
+
+
+def inputs_hash(*, config: dict[str, Any], parent_hash: Optional[str], parent_ref: Optional[str], data_fingerprint: Optional[str]) -> str:
+    """What decides whether a finished stage is still valid for the current command."""
+    payload = json.dumps(
+        {"config": config, "parent_hash": parent_hash, "parent_ref": parent_ref, "data": data_fingerprint},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in _TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_commit() -> Optional[str]:
+    """The commit of the source tree this package runs from, when it is a git checkout."""
+    source = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(directory)

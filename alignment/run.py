@@ -1,0 +1,136 @@
+"""The one command: compose a recipe's config, check it, run its stages.
+
+    python -m alignment.run +recipe=sft_then_dpo                  # embedded model and task suite
+    python -m alignment.run +recipe=sft_then_dpo dpo.beta=0.2 run_name=beta02
+    python -m alignment.run +recipe=sft_then_dpo --cfg job        # print the composed config
+    python -m alignment.run +recipe=sft_then_dpo --multirun dpo.beta=0.05,0.1
+
+Recipes are the YAML files in ``recipes/``; config groups and their options live in ``conf/``
+and their typed schemas in ``alignment/config.py``. An unknown key, a wrong type or an unknown
+recipe fails while Hydra composes the config, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from alignment.config import AlignmentConfig, register_schemas
+
+log = logging.getLogger("alignment")
+RECIPE_PACKAGE = "alignment.recipes"
+_DATA_OPTIONS = ("suite", "file")
+_STARTED = {"task": False}
+
+
+def register_recipes() -> list[str]:
+    """Put every recipes/*.yaml into the ``recipe`` group, merged at the config's root."""
+    cs = ConfigStore.instance()
+    names = []
+    for entry in sorted(resources.files(RECIPE_PACKAGE).iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            name = entry.name[: -len(".yaml")]
+            cs.store(group="recipe", name=name, node=OmegaConf.create(entry.read_text(encoding="utf-8")), package="_global_")
+            names.append(name)
+    return names
+
+
+def rewrite_data_shorthand(argv: list[str]) -> list[str]:
+    """``data=/path/to/file.jsonl`` means ``data=file data.path=/path/to/file.jsonl``."""
+    out = []
+    for arg in argv:
+        if arg.startswith("data=") and arg[len("data=") :] not in _DATA_OPTIONS:
+            out += ["data=file", f"data.path={arg[len('data='):]}"]
+        else:
+            out.append(arg)
+    return out
+
+
+def typed_config(raw: DictConfig) -> AlignmentConfig:
+    """The composed config as dataclasses, with the run name and recipe filled in."""
+    try:
+        cfg: AlignmentConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
+    except MissingMandatoryValue as err:
+        key = err.full_key
+        raise SystemExit(f"alignment: config key '{key}' must be set (recipe {_recipe_choice()!r}); pass {key}=<value>") from None
+    cfg.recipe = _recipe_choice()
+    if cfg.run_name is None:
+        cfg.run_name = _default_run_name(cfg.recipe)
+    return cfg
+
+
+def _recipe_choice() -> str | None:
+    return HydraConfig.get().runtime.choices.get("recipe")
+
+
+def _default_run_name(recipe: str | None) -> str:
+    hydra_cfg = HydraConfig.get()
+    name = recipe or "run"
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        overrides = hydra_cfg.job.override_dirname.replace("/", "_")
+        name = f"{name}-{overrides or hydra_cfg.job.num}"
+    return name
+
+
+def set_threads(requested: int) -> int:
+    """Torch threads for this process: two processes with two threads each on two cores can
+    run a hundred times slower than one, so the default splits the cores between local ranks."""
+    import torch
+
+    if requested <= 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        requested = max(1, cores // local_ranks)
+    torch.set_num_threads(requested)
+    return requested
+
+
+@hydra.main(version_base="1.3", config_path="pkg://alignment.conf", config_name="config")
+def _hydra_main(raw: DictConfig) -> None:
+    _STARTED["task"] = True
+    from alignment.data import DataError
+    from alignment.pipeline import run_pipeline, validate
+    from alignment.stage import StageError
+
+    cfg = typed_config(raw)
+    try:
+        validate(cfg)
+        threads = set_threads(cfg.num_threads)
+        log.info("recipe %s, run %s, stages %s, %d torch threads", cfg.recipe, cfg.run_name, cfg.stages, threads)
+        run_pipeline(cfg)
+    except (StageError, DataError) as err:
+        raise SystemExit(f"alignment: error: {err}") from None
+
+
+def main() -> None:
+    register_schemas()
+    if not OmegaConf.has_resolver("alignment_run_name"):
+        # Hydra's log directory sits inside the run directory: run_name, else the recipe.
+        OmegaConf.register_new_resolver("alignment_run_name", lambda run_name, recipe: run_name or recipe)
+    recipes = register_recipes()
+    sys.argv = [sys.argv[0]] + rewrite_data_shorthand(sys.argv[1:])
+    recipe = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(("+recipe=", "recipe="))), None)
+    try:
+        _hydra_main()
+    except SystemExit as exit_:
+        if exit_.code not in (0, None) and not _STARTED["task"]:
+            print(
+                f"alignment: the config was rejected before anything was loaded (recipe {recipe!r}; "
+                f"recipes: {', '.join(recipes)}). See the error above.",
+                file=sys.stderr,
+            )
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Set-up every stage shares, written once: where a stage starts from, loading the model and
+tokenizer, TRL/Trainer arguments from our typed config, and committing the checkpoint.
+
+A stage module (``sft.py``, ``dpo.py``) only wires these pieces to its TRL trainer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
+
+from alignment import embedded
+from alignment.config import AlignmentConfig, TrainConfig
+from alignment.records import CHECKPOINT_DIR, commit_checkpoint, hash_directory, new_checkpoint_dir, read_result
+
+
+class StageError(RuntimeError):
+    """A stage cannot run as configured; the message says which key or file to fix."""
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """The checkpoint a stage starts from. ``path`` None means the embedded model from config."""
+
+    path: Optional[str]
+    hash: Optional[str]
+    parent_stage: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        return self.path or "embedded model (model.* config)"
+
+
+@dataclass
+class StageContext:
+    """What the pipeline hands a stage: the whole config, its directory and its start point."""
+
+    cfg: AlignmentConfig
+    run_dir: Path
+    stage_dir: Path
+    stage: str
+    start: StartPoint
+    is_first: bool
+    # Filled in by the stage for its record.
+    extra: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+
+def resolve_start(ref: str, *, run_dir: Path) -> StartPoint:
+    """A start point from ``init_from``: a stage directory, an HF directory or a hub id."""
+    candidates = [Path(ref).expanduser(), run_dir / ref]
+    for path in candidates:
+        record = read_result(path) if path.is_dir() else None
+        if record is not None:
+            if record.status != "complete" or not record.checkpoint:
+                raise StageError(f"init_from={ref}: stage {record.stage} in {path} did not complete; rerun it first")
+            return StartPoint(record.checkpoint, record.checkpoint_hash, record.stage)
+        if (path / CHECKPOINT_DIR / "config.json").is_file():
+            raise StageError(f"init_from={ref}: {path} has a checkpoint but no result.json (an interrupted stage); rerun it")
+        if (path / "config.json").is_file():
+            return StartPoint(str(path.resolve()), hash_directory(path))
+    if ref.startswith((".", "/", "~")) or Path(ref).suffix:
+        raise StageError(f"init_from={ref}: no stage directory (with result.json) or HF model directory (with config.json) there")
+    return StartPoint(ref, None)  # a hub id: from_pretrained resolves it (needs the network)
+
+
+def load_policy(ctx: StageContext) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The causal LM and tokenizer the stage starts from, with a usable chat template."""
+    cfg = ctx.cfg.model
+    if ctx.start.path is None:
+        tokenizer = embedded.build_tokenizer()
+        model = embedded.build_model(cfg, tokenizer)
+        model.to(_dtype(cfg.dtype))
+        return model, tokenizer
+    tokenizer_ref = cfg.tokenizer_name_or_path if ctx.is_first and cfg.tokenizer_name_or_path else ctx.start.path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_ref)
+        model = AutoModelForCausalLM.from_pretrained(
+            ctx.start.path, dtype=_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation
+        )
+    except OSError as err:
+        raise StageError(f"could not load model or tokenizer from {ctx.start.path!r} ({err}); check model.name_or_path / init_from") from err
+    prepare_tokenizer(tokenizer, model, chat_template=cfg.chat_template)
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, *, chat_template: Optional[str]) -> None:
+    """Give a real tokenizer what training needs: a chat template and a pad token."""
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    elif not tokenizer.chat_template:
+        tokenizer.chat_template = embedded.CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def trainer_kwargs(train: TrainConfig, ctx: StageContext) -> dict[str, Any]:
+    """Keyword arguments shared by every TRL config class, from our TrainConfig."""
+    return {
+        "output_dir": str(ctx.stage_dir / "trainer"),
+        "learning_rate": train.learning_rate,
+        "per_device_train_batch_size": train.per_device_batch_size,
+        "per_device_eval_batch_size": train.per_device_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "num_train_epochs": train.num_epochs,
+        "max_steps": train.max_steps,
+        "warmup_steps": train.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        "lr_scheduler_type": train.lr_scheduler,
+        "weight_decay": train.weight_decay,
+        "max_grad_norm": train.max_grad_norm,
+        "max_length": train.max_seq_tokens,
+        "logging_steps": train.logging_every_n_steps,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": ctx.cfg.seed,
+        "data_seed": ctx.cfg.seed,
+        "use_cpu": not torch.cuda.is_available(),
+        "bf16": ctx.cfg.model.dtype == "bfloat16",
+        "dataloader_num_workers": 0,
+        "dataset_num_proc": None,
+    }
+
+
+def seed_everything(ctx: StageContext) -> None:
+    set_seed(ctx.cfg.seed)
+
+
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ctx: StageContext) -> tuple[str, str]:
+    """Write the HF-format checkpoint atomically; return its path and content hash."""
+    tmp = new_checkpoint_dir(ctx.stage_dir)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    content_hash = hash_directory(tmp)
+    final = commit_checkpoint(tmp, ctx.stage_dir)
+    return str(final.resolve()), content_hash
+
+
+def train_metrics(train_output: Any, log_history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Headline training numbers from a transformers Trainer run."""
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    metrics = {
+        "train_loss_mean": float(train_output.training_loss),
+        "train_loss_final": float(losses[-1]) if losses else None,
+        "train_steps": int(train_output.global_step),
+        "train_seconds": float(train_output.metrics.get("train_runtime", math.nan)),
+    }
+    return metrics
+
+
+def config_dict(obj: Any) -> dict[str, Any]:
+    return asdict(obj)
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise StageError(f"model.dtype={name!r} is not one of float32, bfloat16, float16") from None
