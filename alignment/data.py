@@ -23,7 +23,7 @@ from datasets import Dataset
 
 from alignment.config import DataConfig, SuiteConfig
 from alignment.evaluate import example_split, user_turn
-from alignment.suite import Example, Suite, build_suite, suite_fingerprint
+from alignment.suite import Example, Suite, build_suite, chatter, suite_fingerprint
 
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -61,6 +61,19 @@ def load_suite(cfg: SuiteConfig) -> Suite:
     return _SUITES[key]
 
 
+def suite_demonstrations(suite: Suite, *, chatter_rate: float, seed: int) -> tuple[list[dict[str, Any]], int]:
+    """SFT rows for the suite's training prompts; a share ``chatter_rate`` wraps the answer in
+    filler (drawn with its own RNG, so which rows are chatty is reproducible)."""
+    rng = random.Random(f"demo-chatter:{seed}")
+    rows, n_chatty = [], 0
+    for example in suite.train:
+        answer = example.answer
+        if rng.random() < chatter_rate:
+            answer, n_chatty = chatter(example, rng), n_chatty + 1
+        rows.append({"messages": user_turn(example.prompt) + [{"role": "assistant", "content": answer}]})
+    return rows, n_chatty
+
+
 def suite_held_out(suite: Suite) -> HeldOut:
     return HeldOut(examples=example_split(suite.eval_seen, suite.eval_unseen), unseen=frozenset(suite.eval_unseen))
 
@@ -69,12 +82,12 @@ def sft_data(cfg: DataConfig, *, data_path: Optional[str], seed: int) -> StageDa
     path = data_path or cfg.path
     if path is None:
         suite = load_suite(cfg.suite)
-        rows = [{"messages": user_turn(e.prompt) + [{"role": "assistant", "content": e.answer}]} for e in suite.train]
+        rows, n_chatty = suite_demonstrations(suite, chatter_rate=cfg.suite.demo_chatter_rate, seed=cfg.suite.seed)
         return StageData(
             train=Dataset.from_list(rows),
             held_out=suite_held_out(suite),
-            fingerprint=f"suite:{suite_fingerprint(suite)}",
-            counts={"source": "suite", "rows": len(rows)},
+            fingerprint=f"suite:{suite_fingerprint(suite)}:chatter={cfg.suite.demo_chatter_rate}",
+            counts={"source": "suite", "rows": len(rows), "chatty_demonstrations": n_chatty},
         )
     raw = load_rows(path, split=cfg.split)
     rows = [_to_messages(row, path=path, index=i) for i, row in enumerate(raw)]

@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from alignment.config import AlignmentConfig, register_schemas
+from alignment.config import AlignmentConfig, ConfigError, register_schemas
 
 log = logging.getLogger("alignment")
 RECIPE_PACKAGE = "alignment.recipes"
@@ -58,11 +58,13 @@ def rewrite_data_shorthand(argv: list[str]) -> list[str]:
 
 def typed_config(raw: DictConfig) -> AlignmentConfig:
     """The composed config as dataclasses, with the run name and recipe filled in."""
+    if "hydra" in raw:
+        raw = OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"])  # type: ignore[assignment]
     try:
         cfg: AlignmentConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
     except MissingMandatoryValue as err:
         key = err.full_key
-        raise SystemExit(f"alignment: config key '{key}' must be set (recipe {_recipe_choice()!r}); pass {key}=<value>") from None
+        raise ConfigError(f"config key '{key}' must be set (recipe {_recipe_choice()!r}): pass {key}=<value>") from None
     cfg.recipe = _recipe_choice()
     if cfg.run_name is None:
         cfg.run_name = _default_run_name(cfg.recipe)
@@ -95,6 +97,31 @@ def set_threads(requested: int) -> int:
     return requested
 
 
+def register_all() -> list[str]:
+    """Schemas, recipes and resolvers: everything Hydra must know before composing."""
+    register_schemas()
+    if not OmegaConf.has_resolver("alignment_run_name"):
+        # Hydra's log directory sits inside the run directory: run_name, else the recipe.
+        OmegaConf.register_new_resolver("alignment_run_name", lambda run_name, recipe: run_name or recipe)
+    return register_recipes()
+
+
+def compose_config(overrides: list[str]) -> AlignmentConfig:
+    """The typed, validated config a command line would give, without running anything
+    (for tests and notebooks): ``compose_config(["+recipe=sft_then_dpo", "dpo.beta=0.2"])``."""
+    from hydra import compose, initialize_config_module
+
+    from alignment.pipeline import validate
+
+    register_all()
+    with initialize_config_module(config_module="alignment.conf", version_base="1.3"):
+        raw = compose("config", overrides=rewrite_data_shorthand(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(raw)
+        cfg = typed_config(raw)
+    validate(cfg)
+    return cfg
+
+
 @hydra.main(version_base="1.3", config_path="pkg://alignment.conf", config_name="config")
 def _hydra_main(raw: DictConfig) -> None:
     _STARTED["task"] = True
@@ -102,22 +129,18 @@ def _hydra_main(raw: DictConfig) -> None:
     from alignment.pipeline import run_pipeline, validate
     from alignment.stage import StageError
 
-    cfg = typed_config(raw)
     try:
+        cfg = typed_config(raw)
         validate(cfg)
         threads = set_threads(cfg.num_threads)
         log.info("recipe %s, run %s, stages %s, %d torch threads", cfg.recipe, cfg.run_name, cfg.stages, threads)
         run_pipeline(cfg)
-    except (StageError, DataError) as err:
+    except (ConfigError, StageError, DataError) as err:
         raise SystemExit(f"alignment: error: {err}") from None
 
 
 def main() -> None:
-    register_schemas()
-    if not OmegaConf.has_resolver("alignment_run_name"):
-        # Hydra's log directory sits inside the run directory: run_name, else the recipe.
-        OmegaConf.register_new_resolver("alignment_run_name", lambda run_name, recipe: run_name or recipe)
-    recipes = register_recipes()
+    recipes = register_all()
     sys.argv = [sys.argv[0]] + rewrite_data_shorthand(sys.argv[1:])
     recipe = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(("+recipe=", "recipe="))), None)
     try:

@@ -16,11 +16,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from alignment import embedded
-from alignment.config import AlignmentConfig, TrainConfig
+from alignment.config import AlignmentConfig, ConfigError, TrainConfig
 from alignment.records import CHECKPOINT_DIR, commit_checkpoint, hash_directory, new_checkpoint_dir, read_result
 
 
-class StageError(RuntimeError):
+class StageError(ConfigError):
     """A stage cannot run as configured; the message says which key or file to fix."""
 
 
@@ -116,6 +116,8 @@ def trainer_kwargs(train: TrainConfig, ctx: StageContext) -> dict[str, Any]:
         "warmup_steps": train.warmup_ratio,  # a float < 1 is a ratio of the total steps
         "lr_scheduler_type": train.lr_scheduler,
         "weight_decay": train.weight_decay,
+        "adam_beta1": train.adam_beta1,
+        "adam_beta2": train.adam_beta2,
         "max_grad_norm": train.max_grad_norm,
         "max_length": train.max_seq_tokens,
         "logging_steps": train.logging_every_n_steps,

@@ -172,6 +172,16 @@ def corrupt(example: Example, rng: random.Random) -> str:
     raise RuntimeError(f"family {fam.name!r} produced no wrong answer for args {example.args}")
 
 
+# Filler that wraps an answer the way chatty human demonstrations do. Every task asks for the
+# bare answer, so the verifier rejects each of these; none normalises back to the answer.
+CHATTER = ("Sure! {answer}", "The answer is {answer}", "Answer: {answer}", "{answer}, I think", "Okay, {answer}")
+
+
+def chatter(example: Example, rng: random.Random) -> str:
+    """The gold answer wrapped in filler: right content, wrong format (``verify`` rejects it)."""
+    return rng.choice(CHATTER).format(answer=example.answer)
+
+
 def example_to_dict(e: Example) -> dict[str, Any]:
     return {
         "family": e.family,

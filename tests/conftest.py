@@ -1,0 +1,40 @@
+"""Shared test helpers: tiny overrides that make a stage run in seconds, and a runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# A 1-layer, 32-wide model on a few hundred suite prompts: every stage runs in seconds.
+TINY = [
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.intermediate_size=64",
+    "data.suite.n_train=256",
+    "data.suite.n_eval=14",
+    "sft.max_steps=4",
+    "sft.per_device_batch_size=16",
+    "dpo.max_steps=3",
+    "dpo.per_device_batch_size=8",
+    "dpo.pairs.n_prompts=32",
+    "eval.samples_per_prompt=2",
+    "eval.max_new_tokens=8",
+    "num_threads=1",
+]
+
+
+@pytest.fixture
+def run_recipe(tmp_path):
+    """Compose a recipe with the tiny overrides and run it in this process."""
+    from alignment.pipeline import run_pipeline
+    from alignment.run import compose_config
+
+    def _run(recipe: str, *overrides: str, output_dir: Path | None = None):
+        cfg = compose_config([f"+recipe={recipe}", f"output_dir={output_dir or tmp_path / 'out'}", *TINY, *overrides])
+        return cfg, run_pipeline(cfg)
+
+    return _run

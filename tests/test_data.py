@@ -1,0 +1,73 @@
+"""Data files go through the real datasets.load_dataset code; bad rows name the file and row."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignment.config import DataConfig
+from alignment.data import DataError, load_rows, preference_file_data, sft_data
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_suite_sft_data_is_conversational_with_held_out_split():
+    data = sft_data(DataConfig(), data_path=None, seed=0)
+    first = data.train[0]["messages"]
+    assert [m["role"] for m in first] == ["user", "assistant"]
+    assert data.held_out.examples and data.held_out.unseen
+    assert data.held_out.unseen < set(data.held_out.examples)
+    assert data.fingerprint.startswith("suite:")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet"])
+def test_local_formats_load(tmp_path, fmt):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)]
+    path = tmp_path / f"d.{fmt}"
+    if fmt == "jsonl":
+        _jsonl(path, rows)
+    elif fmt == "json":
+        path.write_text(json.dumps(rows))
+    else:
+        import pandas as pd
+
+        frame = pd.DataFrame(rows)
+        frame.to_csv(path, index=False) if fmt == "csv" else frame.to_parquet(path)
+    assert load_rows(str(path), split="train") == rows
+
+
+def test_sft_file_rows_become_messages_and_split(tmp_path):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(40)]
+    rows.append({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    data = sft_data(DataConfig(eval_fraction=0.1), data_path=_jsonl(tmp_path / "s.jsonl", rows), seed=0)
+    assert len(data.train) + len(data.held_out.prompts) == 41
+    assert len(data.held_out.prompts) == 4
+    assert all(m["messages"][-1]["role"] == "assistant" for m in data.train)
+    assert data.counts["rows_read"] == 41
+
+
+def test_bad_sft_row_names_file_and_row(tmp_path):
+    path = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "completion": "a"}, {"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match=r"bad\.jsonl, row 1.*'messages'"):
+        sft_data(DataConfig(), data_path=path, seed=0)
+
+
+def test_preference_rows_and_missing_key(tmp_path):
+    good = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(20)]
+    data = preference_file_data(DataConfig(eval_fraction=0.1), path=_jsonl(tmp_path / "p.jsonl", good), seed=0)
+    assert data.train[0]["chosen"] == [{"role": "assistant", "content": "good"}]
+    assert data.eval_pairs is not None and len(data.eval_pairs) == 2
+    bad = _jsonl(tmp_path / "p2.jsonl", [{"prompt": "q", "chosen": "c"}])
+    with pytest.raises(DataError, match=r"p2\.jsonl, row 0.*'rejected'"):
+        preference_file_data(DataConfig(), path=bad, seed=0)
+
+
+def test_missing_file_and_offline_name_are_clear(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_rows(str(tmp_path / "nope.jsonl"), split="train")
+    with pytest.raises(DataError, match="Offline, only local files work"):
+        load_rows("some-org/some-dataset-that-is-not-here", split="train")

@@ -1,0 +1,119 @@
+"""Integration tier: the recipes run end to end on a tiny model, hand off checkpoints, skip
+finished stages, rerun changed ones, and leave loadable Hugging Face checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alignment import pipeline
+from alignment.records import read_result
+from conftest import TINY
+
+pytestmark = pytest.mark.integration
+
+
+def _weights(path):
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def test_sft_then_dpo_hands_off_and_records_lineage(run_recipe, tmp_path):
+    cfg, results = run_recipe("sft_then_dpo")
+    sft, dpo = results
+    assert [r.stage for r in results] == ["sft", "dpo"] and all(r.status == "complete" for r in results)
+    run_dir = tmp_path / "out" / "sft_then_dpo"
+    assert dpo.parent_stage == "sft" and dpo.parent_checkpoint == sft.checkpoint
+    assert dpo.parent_checkpoint_hash == sft.checkpoint_hash
+    for r in results:
+        on_disk = read_result(run_dir / r.stage)
+        assert on_disk.checkpoint_hash == r.checkpoint_hash and on_disk.data_fingerprint
+        assert on_disk.config["learning_rate"] > 0 and on_disk.versions["torch"] and on_disk.wall_seconds > 0
+        assert math.isfinite(on_disk.metrics["train_loss_mean"])
+        assert 0.0 <= on_disk.metrics["gold_accuracy_sampled"] <= 1.0
+        tok = AutoTokenizer.from_pretrained(r.checkpoint)
+        assert tok.chat_template and tok.eos_token == "<|end|>"
+    assert "reward_accuracy" in dpo.metrics and "kl_to_parent" in dpo.metrics
+    assert sft.start_metrics["gold_accuracy_greedy"] == pytest.approx(sft.start_metrics["gold_accuracy_greedy"])
+    before, after = _weights(sft.checkpoint), _weights(dpo.checkpoint)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "DPO changed no weight"
+    listing = json.loads((run_dir / "pipeline.json").read_text())
+    assert [s["stage"] for s in listing["results"]] == ["sft", "dpo"] and listing["recipe"] == "sft_then_dpo"
+
+
+def test_rerun_skips_complete_stages_and_reruns_changed_ones(run_recipe):
+    _, first = run_recipe("sft_then_dpo")
+    _, again = run_recipe("sft_then_dpo")
+    assert [r.checkpoint_hash for r in again] == [r.checkpoint_hash for r in first]
+    assert [r.wall_seconds for r in again] == [r.wall_seconds for r in first], "skipped stages keep their record"
+    _, changed = run_recipe("sft_then_dpo", "dpo.beta=0.3")
+    assert changed[0].wall_seconds == first[0].wall_seconds, "sft unchanged, skipped"
+    assert changed[1].inputs_hash != first[1].inputs_hash and changed[1].config["beta"] == 0.3
+
+
+def test_truncated_checkpoint_is_not_trusted(run_recipe):
+    _, first = run_recipe("sft")
+    weights = next(p for p in __import__("pathlib").Path(first[0].checkpoint).iterdir() if p.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])
+    _, again = run_recipe("sft")
+    assert again[0].inputs_hash == first[0].inputs_hash
+    AutoModelForCausalLM.from_pretrained(again[0].checkpoint)  # rewritten whole
+
+
+def test_failed_stage_leaves_failed_record_and_no_stale_result(run_recipe, monkeypatch, tmp_path):
+    run_recipe("sft_then_dpo")
+
+    def boom(cfg, ctx):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setitem(pipeline.RUNNERS, "dpo", boom)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_recipe("sft_then_dpo", "dpo.beta=0.4")
+    record = read_result(tmp_path / "out" / "sft_then_dpo" / "dpo")
+    assert record.status == "failed" and record.checkpoint is None and "simulated crash" in record.error
+
+
+def test_single_stage_dpo_recipe_starts_from_config(run_recipe, tmp_path):
+    _, (sft,) = run_recipe("sft")
+    stage_dir = tmp_path / "out" / "sft" / "sft"
+    _, (dpo,) = run_recipe("dpo", f"dpo.init_from={stage_dir}")
+    assert dpo.parent_checkpoint == sft.checkpoint and dpo.parent_checkpoint_hash == sft.checkpoint_hash
+
+
+def test_real_model_and_local_data_through_from_pretrained(tmp_path, run_recipe):
+    from alignment.config import ModelConfig
+    from alignment.embedded import build_model, build_tokenizer
+
+    model_dir = tmp_path / "local_model"
+    tok = build_tokenizer()
+    build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    sft_rows = [{"prompt": f"Say {w}.", "completion": w} for w in ["cat", "dog", "sun", "sky"] * 10]
+    pair_rows = [{"prompt": f"Say {w}.", "chosen": w, "rejected": w[::-1]} for w in ["cat", "dog", "sun", "sky"] * 10]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows))
+    (tmp_path / "pairs.json").write_text(json.dumps(pair_rows))
+    cfg, (sft, dpo) = run_recipe(
+        "sft_then_dpo", f"model.name_or_path={model_dir}", f"data={tmp_path / 'sft.jsonl'}", f"dpo.data_path={tmp_path / 'pairs.json'}"
+    )
+    assert cfg.data.path == str(tmp_path / "sft.jsonl")
+    assert sft.parent_checkpoint == str(model_dir.resolve()) and sft.parent_checkpoint_hash
+    assert sft.data_fingerprint.startswith("file:") and dpo.data["eval_pairs"] == 2
+    assert "gold_accuracy_sampled" not in sft.metrics and sft.metrics["response_tokens_mean"] > 0
+    assert "reward_accuracy" in dpo.metrics
+    AutoModelForCausalLM.from_pretrained(dpo.checkpoint)
+
+
+def test_command_line_runs_recipe_and_prints_table(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "alignment.run", "+recipe=sft", f"output_dir={tmp_path}", *TINY],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "gold accuracy, sampled T=1" in out.stdout and f"results: {tmp_path}/sft/pipeline.json" in out.stdout
+    assert (tmp_path / "sft" / "sft" / "checkpoint" / "model.safetensors").is_file()
+    assert list((tmp_path / "sft" / "hydra").iterdir()), "hydra's own output lands inside the run directory"

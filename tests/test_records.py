@@ -1,0 +1,63 @@
+"""Atomic writes, checkpoint commit and hashing: a record never points at half-written weights."""
+
+from __future__ import annotations
+
+import json
+
+from alignment.records import (
+    StageResult,
+    atomic_write_json,
+    commit_checkpoint,
+    hash_directory,
+    inputs_hash,
+    new_checkpoint_dir,
+    read_result,
+)
+
+
+def _result(**kw) -> StageResult:
+    base = dict(stage="sft", status="complete", checkpoint="/c", checkpoint_hash="h", parent_stage=None,
+                parent_checkpoint=None, parent_checkpoint_hash=None, data_fingerprint="d", inputs_hash="i", config={})
+    return StageResult(**{**base, **kw})
+
+
+def test_result_round_trip(tmp_path):
+    atomic_write_json(tmp_path / "result.json", _result(metrics={"a": 1.0}).to_dict())
+    back = read_result(tmp_path)
+    assert back == _result(metrics={"a": 1.0})
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary file left behind"
+
+
+def test_unreadable_result_means_rerun(tmp_path):
+    (tmp_path / "result.json").write_text('{"stage": "sft", "stat')  # torn write from an old tool
+    assert read_result(tmp_path) is None
+
+
+def test_hash_changes_with_content_and_names(tmp_path):
+    (tmp_path / "a").write_bytes(b"1")
+    first = hash_directory(tmp_path)
+    assert hash_directory(tmp_path) == first
+    (tmp_path / "a").write_bytes(b"2")
+    assert hash_directory(tmp_path) != first
+    (tmp_path / "a").rename(tmp_path / "b")
+    assert len({first, hash_directory(tmp_path)}) == 2
+
+
+def test_commit_replaces_old_checkpoint_whole(tmp_path):
+    old = new_checkpoint_dir(tmp_path)
+    (old / "weights").write_text("old")
+    final = commit_checkpoint(old, tmp_path)
+    new = new_checkpoint_dir(tmp_path)
+    (new / "weights").write_text("new")
+    assert (final / "weights").read_text() == "old", "the old checkpoint stays until the new one is complete"
+    commit_checkpoint(new, tmp_path)
+    assert (final / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_inputs_hash_depends_on_each_input():
+    base = dict(config={"lr": 1}, parent_hash="p", parent_ref="/x", data_fingerprint="d")
+    h = inputs_hash(**base)
+    for key, value in [("config", {"lr": 2}), ("parent_hash", "q"), ("parent_ref", "/y"), ("data_fingerprint", "e")]:
+        assert inputs_hash(**{**base, key: value}) != h, key
+    assert json.dumps(h)
