@@ -159,8 +159,14 @@ def _as_turns(value: Any, role: str, *, where: str) -> list[dict[str, str]]:
     raise DataError(f"{where}: expected a string or a list of {{role, content}} messages, got {type(value).__name__}")
 
 
+def _present(row: dict[str, Any]) -> dict[str, Any]:
+    # load_dataset unifies the columns of all rows, filling a row's missing keys with None.
+    return {k: v for k, v in row.items() if v is not None}
+
+
 def _to_messages(row: dict[str, Any], *, path: str, index: int) -> dict[str, Any]:
     where = f"{path}, row {index}"
+    row = _present(row)
     if "messages" in row:
         messages = _as_turns(row["messages"], "user", where=f"{where}, key 'messages'")
     elif "prompt" in row and ("completion" in row or "chosen" in row):
@@ -180,6 +186,7 @@ def _to_messages(row: dict[str, Any], *, path: str, index: int) -> dict[str, Any
 
 def _to_pair(row: dict[str, Any], *, path: str, index: int) -> dict[str, Any]:
     where = f"{path}, row {index}"
+    row = _present(row)
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
     if missing:
         raise DataError(f"{where}: a preference row needs 'prompt', 'chosen' and 'rejected'; missing {missing}")

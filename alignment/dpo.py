@@ -47,7 +47,7 @@ def train_dpo(cfg, ctx: StageContext) -> StageResult:
     losses = {"loss_type": [cfg.loss_type]}
     if cfg.sft_loss_weight > 0:
         losses = {"loss_type": [cfg.loss_type, "sft"], "loss_weights": [1.0, cfg.sft_loss_weight]}
-    args = TRLDPOConfig(**trainer_kwargs(cfg, ctx), beta=cfg.beta, pad_token=tokenizer.pad_token, **losses)
+    args = TRLDPOConfig(**trainer_kwargs(cfg, ctx), beta=cfg.beta, **losses)
     trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=data.train, processing_class=tokenizer)
     output = trainer.train()
 

@@ -29,7 +29,7 @@ def format_table(results: Sequence[StageResult]) -> str:
         columns.append(("base", results[0].start_metrics))
     for r in results:
         columns.append((r.stage + (" (failed)" if r.status != "complete" else ""), {**r.metrics, "wall_seconds": r.wall_seconds}))
-    rows = [(label, [_fmt(metrics.get(key)) for _, metrics in columns]) for key, label in ROWS if any(key in m for _, m in columns)]
+    rows = [(label, [_fmt(metrics.get(key), key) for _, metrics in columns]) for key, label in ROWS if any(key in m for _, m in columns)]
     label_width = max([len("metric")] + [len(label) for label, _ in rows])
     widths = [max(len(name), *(len(values[i]) for _, values in rows)) for i, (name, _) in enumerate(columns)]
     lines = [
@@ -40,11 +40,11 @@ def format_table(results: Sequence[StageResult]) -> str:
     return "\n".join(lines)
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, key: str) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
-        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+        return f"{value:.1f}" if key == "wall_seconds" or abs(value) >= 100 else f"{value:.3f}"
     return str(value)

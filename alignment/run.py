@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -33,11 +34,23 @@ _DATA_OPTIONS = ("suite", "file")
 _STARTED = {"task": False}
 
 
+def shipped_dir(package: str, source_dir: str) -> Path:
+    """Where conf/ or recipes/ are: inside the installed package (``alignment.conf``), or, when
+    this is a source checkout imported without installing it, the repository's top level."""
+    try:
+        return Path(str(resources.files(package)))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / source_dir
+
+
+CONFIG_DIR = str(shipped_dir("alignment.conf", "conf"))
+
+
 def register_recipes() -> list[str]:
     """Put every recipes/*.yaml into the ``recipe`` group, merged at the config's root."""
     cs = ConfigStore.instance()
     names = []
-    for entry in sorted(resources.files(RECIPE_PACKAGE).iterdir(), key=lambda e: e.name):
+    for entry in sorted(shipped_dir(RECIPE_PACKAGE, "recipes").iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".yaml"):
             name = entry.name[: -len(".yaml")]
             cs.store(group="recipe", name=name, node=OmegaConf.create(entry.read_text(encoding="utf-8")), package="_global_")
@@ -59,7 +72,8 @@ def rewrite_data_shorthand(argv: list[str]) -> list[str]:
 def typed_config(raw: DictConfig) -> AlignmentConfig:
     """The composed config as dataclasses, with the run name and recipe filled in."""
     if "hydra" in raw:
-        raw = OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"])  # type: ignore[assignment]
+        without_hydra = OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"])
+        raw = OmegaConf.merge(OmegaConf.structured(AlignmentConfig), without_hydra)  # type: ignore[assignment]
     try:
         cfg: AlignmentConfig = OmegaConf.to_object(raw)  # type: ignore[assignment]
     except MissingMandatoryValue as err:
@@ -109,12 +123,12 @@ def register_all() -> list[str]:
 def compose_config(overrides: list[str]) -> AlignmentConfig:
     """The typed, validated config a command line would give, without running anything
     (for tests and notebooks): ``compose_config(["+recipe=sft_then_dpo", "dpo.beta=0.2"])``."""
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
 
     from alignment.pipeline import validate
 
     register_all()
-    with initialize_config_module(config_module="alignment.conf", version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         raw = compose("config", overrides=rewrite_data_shorthand(overrides), return_hydra_config=True)
         HydraConfig.instance().set_config(raw)
         cfg = typed_config(raw)
@@ -122,7 +136,7 @@ def compose_config(overrides: list[str]) -> AlignmentConfig:
     return cfg
 
 
-@hydra.main(version_base="1.3", config_path="pkg://alignment.conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(raw: DictConfig) -> None:
     _STARTED["task"] = True
     from alignment.data import DataError
@@ -140,6 +154,8 @@ def _hydra_main(raw: DictConfig) -> None:
 
 
 def main() -> None:
+    # transformers renamed gradient_checkpointing; TRL still calls the old names every step.
+    warnings.filterwarnings("ignore", message=".*activation_checkpointing.*", category=FutureWarning)
     recipes = register_all()
     sys.argv = [sys.argv[0]] + rewrite_data_shorthand(sys.argv[1:])
     recipe = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(("+recipe=", "recipe="))), None)

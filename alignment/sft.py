@@ -42,7 +42,6 @@ def train_sft(cfg, ctx: StageContext) -> StageResult:
         assistant_only_loss=cfg.assistant_only_loss,
         packing=False,
         eos_token=tokenizer.eos_token,
-        pad_token=tokenizer.pad_token,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, processing_class=tokenizer)
     output = trainer.train()

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from importlib import resources
-
 import pytest
 
 from alignment.config import ConfigError
-from alignment.run import compose_config, rewrite_data_shorthand
+from alignment.run import RECIPE_PACKAGE, compose_config, rewrite_data_shorthand, shipped_dir
 
-RECIPES = sorted(e.name[:-5] for e in resources.files("alignment.recipes").iterdir() if e.name.endswith(".yaml"))
+RECIPES = sorted(p.stem for p in shipped_dir(RECIPE_PACKAGE, "recipes").glob("*.yaml"))
 # Recipes whose first stage needs a starting checkpoint from config.
 NEEDS_INIT = {"dpo": ["dpo.init_from=/tmp/some_stage"]}
 
@@ -48,8 +46,8 @@ def test_data_shorthand_becomes_file_option():
     ]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "alignment.run", *args], capture_output=True, text=True, timeout=120)
+def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "alignment.run", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 def test_unknown_key_names_key_and_recipe():

@@ -1,7 +1,8 @@
 """DPO sanity: with the policy equal to its reference every pair costs exactly ln 2.
 
 r(y) = beta * (log pi(y|x) - log pi_ref(y|x)) = 0 for both responses, so
-L = -log sigmoid(0) = ln 2, whatever the pairs and whatever beta.
+L = -log sigmoid(0) = ln 2, whatever the pairs and whatever beta. The policy and reference
+forward passes run separately (one with autograd), so float32 rounding leaves ~1e-5.
 """
 
 from __future__ import annotations
@@ -33,4 +34,4 @@ def test_equal_policy_and_reference_give_ln2(tmp_path, beta):
                          processing_class=tok)
     batch = next(iter(trainer.get_train_dataloader()))
     loss = trainer.compute_loss(trainer.model, batch)
-    assert math.isclose(loss.item(), math.log(2), abs_tol=1e-5)
+    assert math.isclose(loss.item(), math.log(2), abs_tol=1e-4)

@@ -39,7 +39,8 @@ def test_sft_then_dpo_hands_off_and_records_lineage(run_recipe, tmp_path):
         tok = AutoTokenizer.from_pretrained(r.checkpoint)
         assert tok.chat_template and tok.eos_token == "<|end|>"
     assert "reward_accuracy" in dpo.metrics and "kl_to_parent" in dpo.metrics
-    assert sft.start_metrics["gold_accuracy_greedy"] == pytest.approx(sft.start_metrics["gold_accuracy_greedy"])
+    assert 0.0 <= sft.start_metrics["gold_accuracy_greedy"] <= 1.0, "the first stage evaluates its starting model"
+    assert dpo.start_metrics == {}, "later stages start from a checkpoint already evaluated"
     before, after = _weights(sft.checkpoint), _weights(dpo.checkpoint)
     assert any(not torch.equal(before[k], after[k]) for k in before), "DPO changed no weight"
     listing = json.loads((run_dir / "pipeline.json").read_text())
