@@ -90,12 +90,27 @@ def _recipe_choice() -> str | None:
 
 
 def _default_run_name(recipe: str | None) -> str:
+    """The recipe's name; under --multirun, plus this job's values of the swept keys."""
     hydra_cfg = HydraConfig.get()
     name = recipe or "run"
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        overrides = hydra_cfg.job.override_dirname.replace("/", "_")
-        name = f"{name}-{overrides or hydra_cfg.job.num}"
+        swept = _swept_keys(sys.argv[1:])
+        values = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
+        name = f"{name}-" + (",".join(values).replace("/", "_") or str(hydra_cfg.job.num))
     return name
+
+
+def _swept_keys(argv: list[str]) -> set[str]:
+    """Keys the command line sweeps over: ``k=a,b`` or ``k=range(...)``/``choice(...)``/``glob(...)``."""
+    keys = set()
+    for arg in argv:
+        if "=" not in arg or arg.startswith("-"):
+            continue
+        key, value = arg.split("=", 1)
+        top_level = value.split("[", 1)[0]  # a list value [a,b] is not a sweep
+        if "," in top_level or value.startswith(("range(", "choice(", "glob(")):
+            keys.add(key.lstrip("+~"))
+    return keys
 
 
 def set_threads(requested: int) -> int:

@@ -118,3 +118,15 @@ def test_command_line_runs_recipe_and_prints_table(tmp_path):
     assert "gold accuracy, sampled T=1" in out.stdout and f"results: {tmp_path}/sft/pipeline.json" in out.stdout
     assert (tmp_path / "sft" / "sft" / "checkpoint" / "model.safetensors").is_file()
     assert list((tmp_path / "sft" / "hydra").iterdir()), "hydra's own output lands inside the run directory"
+
+
+def test_multirun_gives_each_job_its_own_run(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "alignment.run", "+recipe=sft", f"output_dir={tmp_path}", *TINY, "sft.learning_rate=1e-3,2e-3", "--multirun"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = sorted(p.name for p in tmp_path.iterdir() if (p / "pipeline.json").is_file())
+    assert runs == ["sft-sft.learning_rate=0.001", "sft-sft.learning_rate=0.002"]
+    rates = [read_result(tmp_path / r / "sft").config["learning_rate"] for r in runs]
+    assert rates == [0.001, 0.002]
