@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
-STAGES = ("sft", "dpo")
+STAGES = ("sft", "reward", "dpo", "ppo")
 
 
 class ConfigError(ValueError):
@@ -127,6 +127,20 @@ class PairsConfig:
 
 
 @dataclass
+class RewardConfig(TrainConfig):
+    """A reward model: the policy's transformer with a scalar head (num_labels=1), trained with
+    the Bradley-Terry loss -log sigmoid(r(chosen) - r(rejected) - margin) (TRL RewardTrainer)."""
+
+    learning_rate: float = 3e-4
+    per_device_batch_size: int = 32
+    num_epochs: float = 3.0
+    margin: float = 0.0  # a fixed margin the chosen reward must beat the rejected one by
+    center_rewards_coefficient: Optional[float] = None  # e.g. 0.01: pulls mean reward to 0
+    # More prompts than DPO: held-out pair accuracy went 0.74 -> 0.78 -> 0.87 with 4k, 8k, 12k.
+    pairs: PairsConfig = field(default_factory=lambda: PairsConfig(n_prompts=12000))
+
+
+@dataclass
 class DPOConfig(TrainConfig):
     """Direct preference optimisation (TRL DPOTrainer) against the frozen parent policy."""
 
@@ -141,7 +155,42 @@ class DPOConfig(TrainConfig):
     # made DPO's gain steady across runs instead of hit-or-miss.
     sft_loss_weight: float = 1.0
     pairs: PairsConfig = field(default_factory=PairsConfig)
+    # Who labels sampled pairs on the suite: "verifier" (exact), "reward" (the reward model of an
+    # earlier stage, as large pipelines do), or "auto" (the reward model when the chain has one).
+    pair_labeler: str = "auto"
+    reward_from: Optional[str] = None  # a reward stage or HF dir; default: the chain's reward stage
 
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO against a reward model (Ziegler et al. 2019; Ouyang et al. 2022), written here in TRL's
+    spirit: maths in alignment.ppo_math, a readable loop in alignment.ppo."""
+
+    learning_rate: float = 1e-5  # 1e-4 lowered gold accuracy on the embedded default; 1e-5 raised it
+    num_rollouts: int = 80  # rollout batches; each is followed by ppo_epochs of updates
+    rollout_batch_size: int = 64  # prompts per rollout
+    mini_batch_size: int = 16  # rollouts per optimiser step
+    ppo_epochs: int = 2
+    temperature: float = 1.0
+    max_new_tokens: int = 16
+    kl_estimator: str = "k1"  # k1 (log-ratio) or k3 (non-negative, lower variance)
+    kl_coef: float = 0.05
+    adaptive_kl: bool = False  # Ziegler et al.'s controller towards kl_target over kl_horizon
+    kl_target: float = 1.0  # nats per response
+    kl_horizon: int = 10000  # episodes
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    value_loss_coef: float = 0.1
+    whiten_advantages: bool = True
+    normalize_scores: bool = True  # running mean/std of reward-model scores
+    score_clip: Optional[float] = 5.0  # after normalisation
+    missing_eos_penalty: float = -1.0  # added to the score of a response that never ends
+    value_from: str = "reward"  # value model init: "reward" (the reward model) or "policy"
+    reward_from: Optional[str] = None  # a reward stage or HF dir; default: the chain's reward stage
+    stop_on_hacking: bool = False  # the health check warns; with this it also stops the stage
+    n_prompts: int = 4000  # training prompts drawn from the suite (or the prompt file)
 
 @dataclass
 class EvalConfig:
@@ -169,12 +218,22 @@ class AlignmentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     recipe: Optional[str] = None  # filled in from +recipe=NAME; recorded in every result.json
 
 
-GROUPS = {"model": ModelConfig, "data": DataConfig, "sft": SFTConfig, "dpo": DPOConfig, "eval": EvalConfig}
+GROUPS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "sft": SFTConfig,
+    "reward": RewardConfig,
+    "dpo": DPOConfig,
+    "ppo": PPOConfig,
+    "eval": EvalConfig,
+}
 
 
 def register_schemas() -> None:

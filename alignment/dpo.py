@@ -19,20 +19,30 @@ parent policy, estimated on the policy's own samples of the held-out prompts.
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from datasets import Dataset
 from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer
 
-from alignment.data import HeldOut, StageData, load_suite, preference_file_data, suite_held_out
-from alignment.evaluate import evaluate_policy
-from alignment.inference import generate, response_logps
-from alignment.pairs import sample_pairs
+from alignment.data import StageData, preference_file_data
+from alignment.evaluate import evaluate_policy, kl_to_reference
+from alignment.inference import response_logps
+from alignment.pairs import suite_preference_data
+from alignment.reward import load_reward_model, policy_reward_score, score_responses
 from alignment.records import StageResult
 from alignment.sft import ctx_result
-from alignment.stage import StageContext, StageError, load_policy, save_checkpoint, seed_everything, train_metrics, trainer_kwargs
+from alignment.stage import (
+    StageContext,
+    StageError,
+    find_reward_model,
+    load_policy,
+    save_checkpoint,
+    seed_everything,
+    train_metrics,
+    trainer_kwargs,
+)
 
 
 def train_dpo(cfg, ctx: StageContext) -> StageResult:
@@ -59,7 +69,12 @@ def train_dpo(cfg, ctx: StageContext) -> StageResult:
             evaluate_policy(trainer.model, tokenizer, cfg=ctx.cfg.eval, examples=held.examples, unseen=held.unseen, prompts=held.prompts, seed=ctx.cfg.seed)
         )
         metrics.update(_preference_metrics(trainer.model, reference, tokenizer, data.eval_pairs, beta=cfg.beta, batch_size=ctx.cfg.eval.batch_size))
-        metrics["kl_to_parent"] = _kl_to_reference(trainer.model, reference, tokenizer, held, ctx)
+        metrics["kl_to_parent"] = kl_to_reference(trainer.model, reference, tokenizer, held, cfg=ctx.cfg.eval, seed=ctx.cfg.seed + 2)
+        if ctx.inputs.get("reward_model"):  # the proxy's view beside gold accuracy
+            reward_model, _ = load_reward_model(ctx.inputs["reward_model"]["checkpoint"], ctx=ctx)
+            metrics["reward_model_score"] = policy_reward_score(trainer.model, tokenizer, reward_model, held, cfg=ctx.cfg.eval, seed=ctx.cfg.seed + 3)
+            train_counts = data.counts.get("train", {})
+            metrics["pair_label_agreement"] = train_counts.get("agrees_with_verifier", 0) / max(1, train_counts.get("pairs", 0))
     return ctx_result(ctx, cfg, checkpoint=checkpoint, checkpoint_hash=checkpoint_hash, data=data, metrics=metrics)
 
 
@@ -67,22 +82,17 @@ def _preference_data(cfg, ctx: StageContext, model, tokenizer) -> StageData:
     path = cfg.data_path or ctx.cfg.data.path
     if path is not None:
         return preference_file_data(ctx.cfg.data, path=path, seed=ctx.cfg.seed)
-    suite = load_suite(ctx.cfg.data.suite)
-    common = {"cfg": cfg.pairs, "max_new_tokens": ctx.cfg.eval.max_new_tokens, "batch_size": ctx.cfg.eval.batch_size}
-    train_rows, train_counts = sample_pairs(model, tokenizer, suite.train[: cfg.pairs.n_prompts], seed=ctx.cfg.seed, **common)
-    held = suite_held_out(suite)
-    eval_rows, eval_counts = sample_pairs(model, tokenizer, held.examples, seed=ctx.cfg.seed + 1, **common)
-    if not train_rows:
-        raise StageError("dpo: the parent policy's samples gave no preference pair (every sample correct?); raise dpo.pairs.n_prompts")
-    from alignment.data import fingerprint_rows
+    use_reward = cfg.pair_labeler == "reward" or (cfg.pair_labeler == "auto" and (cfg.reward_from or "reward" in ctx.previous))
+    if not use_reward:
+        return suite_preference_data(model, tokenizer, pairs=cfg.pairs, cfg=ctx.cfg)
+    reward_start = find_reward_model(cfg.reward_from, ctx, key="dpo.reward_from")
+    ctx.inputs["reward_model"] = {"stage": reward_start.parent_stage, "checkpoint": reward_start.path, "hash": reward_start.hash}
+    reward_model, reward_tokenizer = load_reward_model(reward_start.path, ctx=ctx)
 
-    return StageData(
-        train=Dataset.from_list(train_rows),
-        held_out=held,
-        fingerprint=f"pairs:{fingerprint_rows(train_rows)}",
-        counts={"source": "suite:on_policy", "train": train_counts, "eval": eval_counts},
-        eval_pairs=Dataset.from_list(eval_rows) if eval_rows else None,
-    )
+    def scorer(prompts, responses):
+        return score_responses(reward_model, reward_tokenizer, prompts, responses, batch_size=ctx.cfg.eval.batch_size).tolist()
+
+    return suite_preference_data(model, tokenizer, pairs=cfg.pairs, cfg=ctx.cfg, scorer=scorer)
 
 
 def _preference_metrics(policy, reference, tokenizer, pairs: Dataset | None, *, beta: float, batch_size: int) -> dict[str, Any]:
@@ -101,21 +111,3 @@ def _preference_metrics(policy, reference, tokenizer, pairs: Dataset | None, *, 
         "reward_margin": float(margin.mean()),
         "eval_pairs": len(pairs),
     }
-
-
-def _kl_to_reference(policy, reference, tokenizer, held: HeldOut, ctx: StageContext) -> float:
-    """Monte-Carlo KL(pi || pi_ref) per response: mean of log pi(y) - log pi_ref(y), y ~ pi."""
-    prompts: Sequence = [[{"role": "user", "content": e.prompt}] for e in held.examples] or held.prompts
-    prompts = list(prompts)[: ctx.cfg.eval.n_prompts] if ctx.cfg.eval.n_prompts else list(prompts)
-    if not prompts:
-        return float("nan")
-    samples = generate(
-        policy, tokenizer, prompts, num_samples=1, temperature=1.0, max_new_tokens=ctx.cfg.eval.max_new_tokens,
-        batch_size=ctx.cfg.eval.batch_size, seed=ctx.cfg.seed + 2,
-    )
-    responses = [group[0].text for group in samples]
-    with torch.no_grad():
-        diff = response_logps(policy, tokenizer, prompts, responses, batch_size=ctx.cfg.eval.batch_size) - response_logps(
-            reference, tokenizer, prompts, responses, batch_size=ctx.cfg.eval.batch_size
-        )
-    return float(diff.mean())

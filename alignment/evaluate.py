@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.config import EvalConfig
-from alignment.inference import Generation, Messages, generate
+from alignment.inference import Generation, Messages, generate, response_logps
 from alignment.suite import Example, verify
 
 
@@ -58,6 +58,22 @@ def evaluate_policy(
         greedy = [group[0] for group in generate(model, tokenizer, prompts, num_samples=1, temperature=0.0, **common)]
         metrics.update(_gold_metrics(examples, unseen, greedy, sampled))
     return metrics
+
+
+def kl_to_reference(policy, reference, tokenizer, held, *, cfg: EvalConfig, seed: int) -> float:
+    """Monte-Carlo KL(pi || pi_ref) per response: mean of log pi(y) - log pi_ref(y), y ~ pi, on
+    the held-out prompts (``held`` is an ``alignment.data.HeldOut``)."""
+    prompts = [user_turn(e.prompt) for e in held.examples] or list(held.prompts)
+    prompts = prompts[: cfg.n_prompts] if cfg.n_prompts else prompts
+    if not prompts:
+        return float("nan")
+    samples = generate(policy, tokenizer, prompts, num_samples=1, temperature=1.0, max_new_tokens=cfg.max_new_tokens,
+                       batch_size=cfg.batch_size, seed=seed)
+    responses = [group[0].text for group in samples]
+    diff = response_logps(policy, tokenizer, prompts, responses, batch_size=cfg.batch_size) - response_logps(
+        reference, tokenizer, prompts, responses, batch_size=cfg.batch_size
+    )
+    return float(diff.mean())
 
 
 def _gold_metrics(

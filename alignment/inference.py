@@ -73,6 +73,16 @@ def generate(
 
 
 def _generate_batch(model, tokenizer, batch: list[list[int]], temperature: float, max_new_tokens: int, device) -> list[Generation]:
+    results = []
+    for tokens in generate_ids(model, tokenizer, batch, temperature=temperature, max_new_tokens=max_new_tokens, device=device):
+        ended = bool(tokens) and tokens[-1] == tokenizer.eos_token_id
+        text_tokens = tokens[:-1] if ended else tokens
+        results.append(Generation(tokenizer.decode(text_tokens, skip_special_tokens=True), len(tokens), ended))
+    return results
+
+
+def generate_ids(model, tokenizer, batch: list[list[int]], *, temperature: float, max_new_tokens: int, device) -> list[list[int]]:
+    """Response token ids for one batch of prompt ids, cut after the first end-of-sequence."""
     width = max(len(ids) for ids in batch)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
@@ -86,13 +96,10 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], temperature: float
         eos_token_id=tokenizer.eos_token_id,
         **sampling,
     )
-    results = []
+    responses = []
     for row in out[:, width:].tolist():
-        ended = tokenizer.eos_token_id in row
-        tokens = row[: row.index(tokenizer.eos_token_id) + 1] if ended else row
-        text_tokens = tokens[:-1] if ended else tokens
-        results.append(Generation(tokenizer.decode(text_tokens, skip_special_tokens=True), len(tokens), ended))
-    return results
+        responses.append(row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row)
+    return responses
 
 
 def response_logps(

@@ -25,6 +25,8 @@ from typing import Callable, Optional
 from alignment.config import AlignmentConfig
 from alignment.data import load_suite
 from alignment.dpo import train_dpo
+from alignment.ppo import train_ppo
+from alignment.reward import train_reward
 from alignment.records import (
     RESULT_FILE,
     StageResult,
@@ -41,7 +43,11 @@ from alignment.suite import suite_fingerprint
 
 log = logging.getLogger(__name__)
 
-RUNNERS: dict[str, Callable[..., StageResult]] = {"sft": train_sft, "dpo": train_dpo}
+RUNNERS: dict[str, Callable[..., StageResult]] = {"sft": train_sft, "reward": train_reward, "dpo": train_dpo, "ppo": train_ppo}
+# Stages whose checkpoint is a policy (a causal LM). Every stage starts from the latest of
+# these: the reward model from the SFT policy, and PPO or DPO after a reward stage from the
+# same SFT policy (the reward model is their second input, not their parent).
+POLICY_STAGES = ("sft", "dpo", "ppo")
 
 
 def run_pipeline(cfg: AlignmentConfig) -> list[StageResult]:
@@ -50,26 +56,28 @@ def run_pipeline(cfg: AlignmentConfig) -> list[StageResult]:
     run_dir.mkdir(parents=True, exist_ok=True)
     results: list[StageResult] = []
     skipped: list[bool] = []
-    parent: Optional[StageResult] = None
+    previous: dict[str, StageResult] = {}
     for index, stage in enumerate(cfg.stages):
         stage_cfg = getattr(cfg, stage)
         stage_dir = run_dir / stage
-        start = _start_point(cfg, stage_cfg, parent, run_dir=run_dir, is_first=index == 0)
-        key = _inputs_key(cfg, stage, start)
+        policy_parent = next((r for r in reversed(results) if r.stage in POLICY_STAGES), None)
+        start = _start_point(cfg, stage_cfg, policy_parent, run_dir=run_dir)
+        key = _inputs_key(cfg, stage, start, upstream=results)
         existing = read_result(stage_dir)
         if existing is not None and _still_valid(existing, key):
             log.info("[%s] skipped: complete in %s (inputs unchanged)", stage, stage_dir)
             results.append(existing)
             skipped.append(True)
-            parent = existing
+            previous[stage] = existing
             _write_pipeline(run_dir, cfg, results, skipped)
             continue
         (stage_dir / RESULT_FILE).unlink(missing_ok=True)  # never describe weights about to change
         log.info("[%s] running from %s -> %s", stage, start.label, stage_dir)
-        result = _run_stage(stage, stage_cfg, StageContext(cfg, run_dir, stage_dir, stage, start, index == 0), key)
+        ctx = StageContext(cfg, run_dir, stage_dir, stage, start, index == 0, previous=dict(previous))
+        result = _run_stage(stage, stage_cfg, ctx, key)
         results.append(result)
         skipped.append(False)
-        parent = result
+        previous[stage] = result
         _write_pipeline(run_dir, cfg, results, skipped)
         log.info("[%s] done in %.1f s: %s", stage, result.wall_seconds, result.checkpoint)
     print(format_table(results), flush=True)
@@ -77,7 +85,7 @@ def run_pipeline(cfg: AlignmentConfig) -> list[StageResult]:
     return results
 
 
-def _start_point(cfg: AlignmentConfig, stage_cfg, parent: Optional[StageResult], *, run_dir: Path, is_first: bool) -> StartPoint:
+def _start_point(cfg: AlignmentConfig, stage_cfg, parent: Optional[StageResult], *, run_dir: Path) -> StartPoint:
     if stage_cfg.init_from:
         return resolve_start(stage_cfg.init_from, run_dir=run_dir)
     if parent is not None:
@@ -87,9 +95,11 @@ def _start_point(cfg: AlignmentConfig, stage_cfg, parent: Optional[StageResult],
     return StartPoint(None, None)
 
 
-def _inputs_key(cfg: AlignmentConfig, stage: str, start: StartPoint) -> str:
+def _inputs_key(cfg: AlignmentConfig, stage: str, start: StartPoint, *, upstream: list[StageResult]) -> str:
     stage_cfg = getattr(cfg, stage)
     config = {
+        # Any earlier stage's checkpoint may be an input (a reward model), so all of them count.
+        "upstream": {r.stage: r.checkpoint_hash for r in upstream},
         "stage": dataclasses.asdict(stage_cfg),
         "model": dataclasses.asdict(cfg.model),
         "data": dataclasses.asdict(cfg.data),
@@ -187,7 +197,18 @@ def validate(cfg: AlignmentConfig) -> None:
             key = f"{stage}.data_path" if train.data_path else "data.path"
             raise StageError(f"{key}={path}: no such file")
     first = getattr(cfg, cfg.stages[0])
-    if cfg.stages[0] == "dpo" and not (first.init_from or cfg.model.name_or_path):
-        raise StageError(f"recipe {cfg.recipe!r}: dpo is the first stage, so it needs a policy: set dpo.init_from=<stage dir or HF dir>")
+    if cfg.stages[0] in ("dpo", "ppo", "reward") and not (first.init_from or cfg.model.name_or_path):
+        name = cfg.stages[0]
+        raise StageError(f"recipe {cfg.recipe!r}: {name} is the first stage, so it needs a policy: set {name}.init_from=<stage dir or HF dir>")
+    if "ppo" in cfg.stages and not cfg.ppo.reward_from and "reward" not in cfg.stages[: cfg.stages.index("ppo")]:
+        raise StageError(f"recipe {cfg.recipe!r}: ppo needs a reward model: put a reward stage before it or set ppo.reward_from=<reward stage or HF dir>")
+    if cfg.dpo.pair_labeler not in ("auto", "verifier", "reward"):
+        raise StageError(f"dpo.pair_labeler={cfg.dpo.pair_labeler!r}: use auto, verifier or reward")
+    if cfg.ppo.value_from not in ("reward", "policy"):
+        raise StageError(f"ppo.value_from={cfg.ppo.value_from!r}: use reward or policy")
+    if cfg.ppo.rollout_batch_size % cfg.ppo.mini_batch_size:
+        raise StageError(
+            f"ppo.rollout_batch_size={cfg.ppo.rollout_batch_size} must be a multiple of ppo.mini_batch_size={cfg.ppo.mini_batch_size}"
+        )
     if cfg.eval.samples_per_prompt < 1 or cfg.eval.temperature < 0 or cfg.eval.max_new_tokens < 1:
         raise StageError("eval.samples_per_prompt and eval.max_new_tokens must be >= 1 and eval.temperature >= 0")

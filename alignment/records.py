@@ -45,6 +45,8 @@ class StageResult:
     data_fingerprint: Optional[str]
     inputs_hash: str  # hash of config + parent hash + data fingerprint: a change reruns the stage
     config: dict[str, Any]  # the fully resolved stage config
+    # Other checkpoints the stage used besides its parent, e.g. {"reward_model": {stage, checkpoint, hash}}.
+    inputs: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     start_metrics: dict[str, Any] = field(default_factory=dict)  # the starting model, evaluated
     data: dict[str, Any] = field(default_factory=dict)  # counts of rows read, kept, dropped

@@ -74,6 +74,7 @@ def ctx_result(ctx: StageContext, cfg, *, checkpoint, checkpoint_hash, data, met
         data_fingerprint=data.fingerprint,
         inputs_hash="",
         config=config_dict(cfg),
+        inputs=dict(ctx.inputs),
         metrics=metrics,
         start_metrics=start_metrics or {},
         data=data.counts,

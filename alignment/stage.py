@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from alignment import embedded
 from alignment.config import AlignmentConfig, ConfigError, TrainConfig
-from alignment.records import CHECKPOINT_DIR, commit_checkpoint, hash_directory, new_checkpoint_dir, read_result
+from alignment.records import CHECKPOINT_DIR, StageResult, commit_checkpoint, hash_directory, new_checkpoint_dir, read_result
 
 
 class StageError(ConfigError):
@@ -47,8 +47,9 @@ class StageContext:
     stage: str
     start: StartPoint
     is_first: bool
-    # Filled in by the stage for its record.
-    extra: dict[str, Any] = field(default_factory=dict)
+    previous: dict[str, "StageResult"] = field(default_factory=dict)  # earlier stages of this run
+    # Other checkpoints the stage used (e.g. a reward model), filled in for its record.
+    inputs: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -68,6 +69,16 @@ def resolve_start(ref: str, *, run_dir: Path) -> StartPoint:
     if ref.startswith((".", "/", "~")) or Path(ref).suffix:
         raise StageError(f"init_from={ref}: no stage directory (with result.json) or HF model directory (with config.json) there")
     return StartPoint(ref, None)  # a hub id: from_pretrained resolves it (needs the network)
+
+
+def find_reward_model(ref: Optional[str], ctx: StageContext, *, key: str) -> StartPoint:
+    """The reward model a stage uses: ``ref`` (a stage or HF dir) or the chain's reward stage."""
+    if ref:
+        return resolve_start(ref, run_dir=ctx.run_dir)
+    record = ctx.previous.get("reward")
+    if record is None:
+        raise StageError(f"{ctx.stage} needs a reward model: run a reward stage before it, or set {key}=<reward stage or HF dir>")
+    return StartPoint(record.checkpoint, record.checkpoint_hash, record.stage)
 
 
 def load_policy(ctx: StageContext) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

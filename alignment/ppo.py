@@ -1,0 +1,224 @@
+"""PPO against a reward model: the RLHF step of Ziegler et al. (2019) and Ouyang et al. (2022).
+
+TRL 1.x no longer ships PPO, so it is written here in TRL's spirit: the maths are the pure
+functions of ``alignment.ppo_math``; this module is the loop around them.
+
+Models: the policy starts from the latest policy checkpoint (SFT), a frozen copy of it is the
+reference, the reward model comes from the chain's reward stage (or ``ppo.reward_from``), and
+the value model starts from the reward model (``ppo.value_from=reward``) or from the policy.
+
+Each of ``num_rollouts`` iterations:
+1. sample one response per prompt for ``rollout_batch_size`` prompts (temperature ``temperature``);
+2. score: log-probs under policy and reference, values, the reward model's sequence score
+   (minus ``missing_eos_penalty`` for responses that never end), normalised by running moments
+   and clipped;
+3. per-token rewards -kl_coef * KL_t (k1 or k3) plus the score on the last token; GAE; whiten;
+4. ``ppo_epochs`` passes over mini-batches of ``mini_batch_size``: clipped policy loss + clipped
+   value loss, gradient clipping; then the (fixed or adaptive) KL controller updates.
+
+On the task suite the verifier also scores every rollout (``rollout/gold_accuracy``): training
+never sees it, the health check does.
+
+    python -m alignment.run +recipe=sft_rm_ppo
+    python -m alignment.run +recipe=sft_rm_ppo ppo.kl_estimator=k3 ppo.adaptive_kl=true ppo.kl_target=0.5
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from itertools import cycle
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification
+
+from alignment import ppo_math as pm
+from alignment.data import DataError, load_rows, load_suite, suite_held_out
+from alignment.evaluate import evaluate_policy, kl_to_reference, user_turn
+from alignment.health import HealthCheck
+from alignment.inference import generate_ids, render_prompts
+from alignment.ppo_rollout import Packed, pack, policy_forward, select, sequence_scores, token_values
+from alignment.records import StageResult
+from alignment.reward import load_reward_model, policy_reward_score
+from alignment.sft import ctx_result
+from alignment.data import HeldOut, StageData
+from alignment.stage import StageContext, StageError, find_reward_model, load_policy, save_checkpoint, seed_everything
+from alignment.suite import verify
+
+log = logging.getLogger(__name__)
+
+
+def train_ppo(cfg, ctx: StageContext) -> StageResult:
+    """Run the PPO stage described by ``cfg`` (an ``alignment.config.PPOConfig``)."""
+    seed_everything(ctx)
+    if ctx.start.path is None:
+        raise StageError("ppo needs a policy to start from: run it after sft, or set ppo.init_from")
+    reward_start = find_reward_model(cfg.reward_from, ctx, key="ppo.reward_from")
+    ctx.inputs["reward_model"] = {"stage": reward_start.parent_stage, "checkpoint": reward_start.path, "hash": reward_start.hash}
+    policy, tokenizer = load_policy(ctx)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    reward_model, reward_tokenizer = load_reward_model(reward_start.path, ctx=ctx)
+    reward_model.eval().requires_grad_(False)
+    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise StageError(f"ppo: the reward model {reward_start.path} uses another tokenizer than the policy; train it from the same base")
+    value_model = _value_model(cfg, ctx, reward_start.path)
+    prompts, examples, data = _prompts(cfg, ctx)
+
+    history = _ppo_loop(cfg, ctx, policy=policy, reference=reference, reward_model=reward_model, value_model=value_model,
+                        tokenizer=tokenizer, prompts=prompts, examples=examples)
+
+    checkpoint, checkpoint_hash = save_checkpoint(policy, tokenizer, ctx)
+    metrics: dict[str, Any] = {"train_steps": len(history), "history": history, **{f"final/{k}": v for k, v in history[-1].items()}}
+    metrics["stopped_early"] = history[-1].get("stopped_early")
+    if ctx.cfg.eval.enabled:
+        held = data.held_out
+        metrics.update(evaluate_policy(policy, tokenizer, cfg=ctx.cfg.eval, examples=held.examples, unseen=held.unseen,
+                                       prompts=held.prompts, seed=ctx.cfg.seed))
+        metrics["kl_to_parent"] = kl_to_reference(policy, reference, tokenizer, held, cfg=ctx.cfg.eval, seed=ctx.cfg.seed + 2)
+        metrics["reward_model_score"] = policy_reward_score(policy, tokenizer, reward_model, held, cfg=ctx.cfg.eval, seed=ctx.cfg.seed + 3)
+    return ctx_result(ctx, cfg, checkpoint=checkpoint, checkpoint_hash=checkpoint_hash, data=data, metrics=metrics)
+
+
+def _ppo_loop(cfg, ctx, *, policy, reference, reward_model, value_model, tokenizer, prompts, examples) -> list[dict[str, Any]]:
+    params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    controller = (pm.AdaptiveKLController(cfg.kl_coef, target_kl=cfg.kl_target, horizon=cfg.kl_horizon)
+                  if cfg.adaptive_kl else pm.FixedKLController(cfg.kl_coef))
+    moments = pm.RunningMoments()
+    health = HealthCheck(kl_target=cfg.kl_target if cfg.adaptive_kl else None)
+    batches = cycle(range(0, len(prompts) - cfg.rollout_batch_size + 1, cfg.rollout_batch_size))
+    history: list[dict[str, Any]] = []
+    generator = torch.Generator().manual_seed(ctx.cfg.seed)
+    for step in tqdm(range(cfg.num_rollouts), desc="ppo rollouts"):
+        start = next(batches)
+        batch_prompts, batch_examples = prompts[start : start + cfg.rollout_batch_size], examples[start : start + cfg.rollout_batch_size]
+        rollout, stats = _rollout(cfg, policy=policy, reference=reference, reward_model=reward_model, value_model=value_model,
+                                  tokenizer=tokenizer, prompt_ids=batch_prompts, examples=batch_examples, moments=moments,
+                                  kl_coef=controller.value)
+        stats.update(_optimise(cfg, rollout, policy=policy, value_model=value_model, optimizer=optimizer, params=params, generator=generator))
+        controller.update(stats["kl"], cfg.rollout_batch_size)
+        stats.update(step=step + 1, kl_coef=controller.value)
+        warnings = health.observe(stats)
+        for warning in warnings:
+            log.warning("[ppo] step %d: %s", step + 1, warning)
+        history.append(stats)
+        if step % max(1, cfg.logging_every_n_steps) == 0 or step + 1 == cfg.num_rollouts:
+            log.info("[ppo] step %d %s", step + 1, " ".join(f"{k}={v:.3g}" for k, v in stats.items() if isinstance(v, float)))
+        if warnings and cfg.stop_on_hacking:
+            stats["stopped_early"] = "; ".join(warnings)
+            break
+    return history
+
+
+def _rollout(cfg, *, policy, reference, reward_model, value_model, tokenizer, prompt_ids, examples, moments, kl_coef):
+    device = next(policy.parameters()).device
+    policy.eval()
+    with torch.no_grad():
+        responses = generate_ids(policy, tokenizer, prompt_ids, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, device=device)
+        packed = pack(prompt_ids, responses, pad_token_id=tokenizer.pad_token_id)
+        logprobs, logits = policy_forward(policy, packed, temperature=cfg.temperature)
+        ref_logprobs, _ = policy_forward(reference, packed, temperature=cfg.temperature)
+        values = token_values(value_model, packed)
+        raw_scores = sequence_scores(reward_model, packed)
+    ended = torch.tensor([bool(r) and r[-1] == tokenizer.eos_token_id for r in responses])
+    scores = pm.eos_penalty_scores(raw_scores, ended, penalty=cfg.missing_eos_penalty)
+    if cfg.normalize_scores:
+        moments.update(scores)
+        scores = (scores - moments.mean) / max(moments.std, 1e-6)
+    if cfg.score_clip is not None:
+        scores = pm.clip_scores(scores, clip=cfg.score_clip)
+    mask = packed.mask
+    kl = pm.kl_penalty(logprobs, ref_logprobs, estimator=cfg.kl_estimator) * mask
+    rewards = pm.per_token_rewards(scores, kl, mask, kl_coef=kl_coef)
+    advantages, returns = pm.gae_advantages(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = pm.masked_whiten(advantages, mask)
+    texts = [tokenizer.decode(r[:-1] if ended_i else r, skip_special_tokens=True) for r, ended_i in zip(responses, ended.tolist())]
+    gold = [float(verify(e, t)) for e, t in zip(examples, texts) if e is not None]
+    stats = {
+        "reward/raw": float(raw_scores.mean()),
+        "reward/normalised": float(scores.mean()),
+        "kl": float(kl.sum(-1).mean()),
+        "entropy": float(pm.entropy_from_logits(logits, mask)),
+        "response_tokens": float(mask.sum(-1).mean()),
+        "eos_rate": float(ended.float().mean()),
+    }
+    if gold:
+        stats["rollout/gold_accuracy"] = sum(gold) / len(gold)
+    rollout = {"packed": packed, "logprobs": logprobs, "values": values, "advantages": advantages, "returns": returns}
+    return rollout, stats
+
+
+def _optimise(cfg, rollout, *, policy, value_model, optimizer, params, generator) -> dict[str, float]:
+    policy.train()
+    value_model.train()
+    sums: dict[str, float] = {}
+    n_updates = 0
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(cfg.rollout_batch_size, generator=generator)
+        for start in range(0, cfg.rollout_batch_size, cfg.mini_batch_size):
+            index = order[start : start + cfg.mini_batch_size]
+            mb: Packed = select(rollout["packed"], index)
+            new_logprobs, _ = policy_forward(policy, mb, temperature=cfg.temperature)
+            new_values = token_values(value_model, mb)
+            pg_loss, pg_stats = pm.policy_loss(new_logprobs, rollout["logprobs"][index], rollout["advantages"][index], mb.mask,
+                                               clip_range=cfg.clip_range)
+            vf_loss, vf_stats = pm.value_loss(new_values, rollout["values"][index], rollout["returns"][index], mb.mask,
+                                              clip_range_value=cfg.clip_range_value)
+            loss = pg_loss + cfg.value_loss_coef * vf_loss
+            if not torch.isfinite(loss):
+                raise StageError(f"ppo: the loss became {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            for name, value in {"loss/policy": pg_loss, "loss/value": vf_loss, "grad_norm": grad_norm, **pg_stats, **vf_stats}.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
+            n_updates += 1
+    return {name: total / n_updates for name, total in sums.items()}
+
+
+def _value_model(cfg, ctx: StageContext, reward_path: str):
+    if cfg.value_from == "reward":
+        model, _ = load_reward_model(reward_path, ctx=ctx)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(ctx.start.path, num_labels=1)
+    model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    return model
+
+
+def _prompts(cfg, ctx: StageContext) -> tuple[list[list[int]], list, StageData]:
+    """Tokenised training prompts (and their suite examples, for the verifier) plus held-out data."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ctx.start.path)
+    path = cfg.data_path or ctx.cfg.data.path
+    if path is None:
+        suite = load_suite(ctx.cfg.data.suite)
+        examples = list(suite.train[: cfg.n_prompts])
+        messages = [user_turn(e.prompt) for e in examples]
+        held = suite_held_out(suite)
+        source = {"source": "suite", "prompts": len(examples)}
+    else:
+        rows = load_rows(path, split=ctx.cfg.data.split)
+        messages = [_prompt_messages(row, path=path, index=i) for i, row in enumerate(rows)][: cfg.n_prompts]
+        examples = [None] * len(messages)
+        held = HeldOut(prompts=messages[: ctx.cfg.data.max_eval_rows])
+        source = {"source": path, "prompts": len(messages)}
+    if len(messages) < cfg.rollout_batch_size:
+        raise StageError(f"ppo: {len(messages)} prompts, fewer than ppo.rollout_batch_size={cfg.rollout_batch_size}")
+    from alignment.data import fingerprint_rows
+
+    data = StageData(train=None, held_out=held, fingerprint=f"prompts:{fingerprint_rows(messages)}", counts=source)  # type: ignore[arg-type]
+    return render_prompts(tokenizer, messages), examples, data
+
+
+def _prompt_messages(row: dict, *, path: str, index: int) -> list[dict[str, str]]:
+    prompt = row.get("prompt")
+    if isinstance(prompt, str):
+        return user_turn(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt):
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
+    raise DataError(f"{path}, row {index}: a PPO prompt row needs 'prompt' (a string or a list of messages)")

@@ -1,0 +1,73 @@
+"""Rollout tensors for PPO: sample responses, then score them token by token.
+
+A rollout batch keeps each prompt and response as token ids; ``pack`` lays them out right-padded
+as ``[prompt | response | pad]`` rows and records where each response starts, so that every
+per-token quantity (log-probs, values) can be gathered into ``[batch, response_len]`` tensors
+aligned with ``mask``. The logits at position t predict token t + 1, so the response token j of
+row i is predicted at position ``prompt_len_i - 1 + j``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+
+@dataclass
+class Packed:
+    input_ids: torch.Tensor  # [batch, width]
+    attention_mask: torch.Tensor  # [batch, width]
+    positions: torch.Tensor  # [batch, response_len]: where each response token is predicted
+    response_ids: torch.Tensor  # [batch, response_len], padded with 0
+    mask: torch.Tensor  # [batch, response_len], 1 on real response tokens
+    last_index: torch.Tensor  # [batch]: position of the last real token of each row
+
+
+def pack(prompts: list[list[int]], responses: list[list[int]], *, pad_token_id: int) -> Packed:
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    width = max(len(s) for s in seqs)
+    resp_len = max(1, max(len(r) for r in responses))
+    input_ids = torch.tensor([s + [pad_token_id] * (width - len(s)) for s in seqs])
+    attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    positions = torch.tensor([[min(len(p) - 1 + j, width - 1) for j in range(resp_len)] for p in prompts])
+    response_ids = torch.tensor([r + [0] * (resp_len - len(r)) for r in responses])
+    mask = torch.tensor([[1.0] * len(r) + [0.0] * (resp_len - len(r)) for r in responses])
+    last_index = torch.tensor([len(s) - 1 for s in seqs])
+    return Packed(input_ids, attention_mask, positions, response_ids, mask, last_index)
+
+
+def select(packed: Packed, index: torch.Tensor) -> Packed:
+    """Rows ``index`` of a packed batch (a PPO mini-batch)."""
+    return Packed(*(getattr(packed, f)[index] for f in ("input_ids", "attention_mask", "positions", "response_ids", "mask", "last_index")))
+
+
+def policy_forward(model: PreTrainedModel, packed: Packed, *, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-response-token log-probs ``[batch, len]`` and logits ``[batch, len, vocab]``.
+
+    Logits are divided by the sampling temperature, so the log-probs are those of the
+    distribution the responses were sampled from (as TRL does).
+    """
+    logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits
+    index = packed.positions.unsqueeze(-1).expand(-1, -1, logits.size(-1))
+    logits = torch.gather(logits, 1, index).float() / temperature
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, packed.response_ids.unsqueeze(-1)).squeeze(-1)
+    return logprobs, logits
+
+
+def _backbone_hidden(model: PreTrainedModel, packed: Packed) -> torch.Tensor:
+    backbone = getattr(model, model.base_model_prefix)
+    return backbone(input_ids=packed.input_ids, attention_mask=packed.attention_mask).last_hidden_state
+
+
+def token_values(value_model: PreTrainedModel, packed: Packed) -> torch.Tensor:
+    """V(s_t) for each response token: the scalar head applied at every position ``[batch, len]``."""
+    scores = value_model.score(_backbone_hidden(value_model, packed)).squeeze(-1).float()
+    return torch.gather(scores, 1, packed.positions)
+
+
+def sequence_scores(reward_model: PreTrainedModel, packed: Packed) -> torch.Tensor:
+    """The reward model's score of each whole sequence, read at its last real token ``[batch]``."""
+    scores = reward_model.score(_backbone_hidden(reward_model, packed)).squeeze(-1).float()
+    return scores.gather(1, packed.last_index.unsqueeze(-1)).squeeze(-1)
