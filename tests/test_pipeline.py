@@ -130,3 +130,36 @@ def test_multirun_gives_each_job_its_own_run(tmp_path):
     assert runs == ["sft-sft.learning_rate=0.001", "sft-sft.learning_rate=0.002"]
     rates = [read_result(tmp_path / r / "sft").config["learning_rate"] for r in runs]
     assert rates == [0.001, 0.002]
+
+
+RM = ["reward.max_steps=3", "reward.per_device_batch_size=8", "reward.pairs.n_prompts=32"]
+PPO = ["ppo.num_rollouts=2", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.n_prompts=64"]
+
+
+def test_sft_rm_ppo_runs_and_records_both_inputs(run_recipe):
+    _, (sft, reward, ppo) = run_recipe("sft_rm_ppo", *RM, *PPO)
+    assert reward.parent_checkpoint == sft.checkpoint and "pairwise_accuracy" in reward.metrics
+    assert ppo.parent_stage == "sft" and ppo.parent_checkpoint_hash == sft.checkpoint_hash
+    assert ppo.inputs["reward_model"]["hash"] == reward.checkpoint_hash
+    assert len(ppo.metrics["history"]) == 2 and "kl_to_parent" in ppo.metrics and "reward_model_score" in ppo.metrics
+    for key in ("reward/raw", "kl", "kl_coef", "entropy", "loss/policy", "loss/value", "clipfrac", "approx_kl", "ratio_mean",
+                "response_tokens", "eos_rate", "rollout/gold_accuracy"):
+        assert key in ppo.metrics["history"][0], key
+    from transformers import AutoModelForSequenceClassification
+
+    assert AutoModelForSequenceClassification.from_pretrained(reward.checkpoint).config.num_labels == 1
+    AutoModelForCausalLM.from_pretrained(ppo.checkpoint)
+
+
+def test_retrained_reward_model_reruns_ppo(run_recipe):
+    _, first = run_recipe("sft_rm_ppo", *RM, *PPO)
+    _, second = run_recipe("sft_rm_ppo", *RM, *PPO, "reward.learning_rate=1e-3")
+    assert second[0].wall_seconds == first[0].wall_seconds, "sft skipped"
+    assert second[1].checkpoint_hash != first[1].checkpoint_hash
+    assert second[2].inputs_hash != first[2].inputs_hash
+
+
+def test_sft_rm_dpo_labels_pairs_with_the_reward_model(run_recipe):
+    _, (sft, reward, dpo) = run_recipe("sft_rm_dpo", *RM)
+    assert dpo.parent_stage == "sft" and dpo.inputs["reward_model"]["hash"] == reward.checkpoint_hash
+    assert dpo.data["labels"] == "reward_model" and "pair_label_agreement" in dpo.metrics

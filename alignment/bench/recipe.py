@@ -8,8 +8,9 @@ same as JSON.
     python -m alignment.bench.recipe --seeds 0 1 2
     python -m alignment.bench.recipe --recipe sft_then_dpo --seeds 0 --out /tmp/bench -- sft.max_steps=20
 
-Bars for ``sft_then_dpo`` (issue 2): wall time <= 300 s on a 2-core machine, SFT sampled gold
-accuracy >= 0.5, DPO sampled gold accuracy above its SFT parent's.
+Bars: ``sft_then_dpo`` in <= 300 s on a 2-core machine with SFT sampled gold accuracy >= 0.5
+and DPO's above SFT's; ``sft_rm_ppo`` in <= 600 s with reward pair accuracy >= 0.8 and PPO's
+sampled gold accuracy above SFT's; ``sft_rm_dpo`` in <= 600 s with DPO's above SFT's.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-WALL_LIMIT_SECONDS = 300.0
+# Per recipe: wall-time limit on a 2-core machine and the stage whose sampled gold accuracy must
+# beat SFT's (issues 2 and 3). sft_rm_ppo also needs a reward model with pair accuracy >= 0.8.
+BARS = {"sft_then_dpo": (300.0, "dpo"), "sft_rm_ppo": (600.0, "ppo"), "sft_rm_dpo": (600.0, "dpo")}
 SFT_SAMPLED_FLOOR = 0.5
+REWARD_PAIR_ACCURACY_FLOOR = 0.8
 
 
 def run_seed(recipe: str, seed: int, out: Path, extra: list[str]) -> dict[str, Any]:
@@ -39,7 +43,8 @@ def run_seed(recipe: str, seed: int, out: Path, extra: list[str]) -> dict[str, A
     pipeline = json.loads((out / run_name / "pipeline.json").read_text())
     row: dict[str, Any] = {"seed": seed, "wall_seconds": wall}
     for stage in pipeline["results"]:
-        for key in ("gold_accuracy_greedy", "gold_accuracy_sampled", "kl_to_parent", "reward_accuracy"):
+        for key in ("gold_accuracy_greedy", "gold_accuracy_sampled", "kl_to_parent", "reward_accuracy", "pairwise_accuracy",
+                    "correct_vs_incorrect_auc", "reward_model_score", "pair_label_agreement"):
             if key in stage["metrics"]:
                 row[f"{stage['stage']}/{key}"] = stage["metrics"][key]
         row[f"{stage['stage']}/wall_seconds"] = stage["wall_seconds"]
@@ -66,16 +71,19 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, dict[str, float]]
 
 
 def check_bars(recipe: str, rows: list[dict[str, Any]]) -> list[str]:
-    if recipe != "sft_then_dpo":
+    if recipe not in BARS:
         return []
+    wall_limit, final = BARS[recipe]
     failures = []
     for r in rows:
-        if r["wall_seconds"] > WALL_LIMIT_SECONDS:
-            failures.append(f"seed {r['seed']}: wall {r['wall_seconds']:.0f} s > {WALL_LIMIT_SECONDS:.0f} s")
-        if r["sft/gold_accuracy_sampled"] < SFT_SAMPLED_FLOOR:
+        if r["wall_seconds"] > wall_limit:
+            failures.append(f"seed {r['seed']}: wall {r['wall_seconds']:.0f} s > {wall_limit:.0f} s")
+        if recipe == "sft_then_dpo" and r["sft/gold_accuracy_sampled"] < SFT_SAMPLED_FLOOR:
             failures.append(f"seed {r['seed']}: SFT sampled accuracy {r['sft/gold_accuracy_sampled']:.3f} < {SFT_SAMPLED_FLOOR}")
-        if r["dpo/gold_accuracy_sampled"] <= r["sft/gold_accuracy_sampled"]:
-            failures.append(f"seed {r['seed']}: DPO sampled accuracy {r['dpo/gold_accuracy_sampled']:.3f} not above SFT's")
+        if recipe == "sft_rm_ppo" and r["reward/pairwise_accuracy"] < REWARD_PAIR_ACCURACY_FLOOR:
+            failures.append(f"seed {r['seed']}: reward pair accuracy {r['reward/pairwise_accuracy']:.3f} < {REWARD_PAIR_ACCURACY_FLOOR}")
+        if r[f"{final}/gold_accuracy_sampled"] <= r["sft/gold_accuracy_sampled"]:
+            failures.append(f"seed {r['seed']}: {final} sampled accuracy {r[f'{final}/gold_accuracy_sampled']:.3f} not above SFT's")
     return failures
 
 
@@ -95,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     failures = check_bars(args.recipe, rows)
     for failure in failures:
         print("BAR MISSED:", failure)
-    if args.recipe == "sft_then_dpo" and not failures:
-        print("bars met: wall <= 300 s, SFT sampled >= 0.5, DPO sampled > SFT sampled, on every seed")
+    if args.recipe in BARS and not failures:
+        print(f"bars of {args.recipe} met on every seed")
     report = {"recipe": args.recipe, "seeds": args.seeds, "overrides": args.overrides, "rows": rows, "summary": summary, "bar_failures": failures}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"bench_{args.recipe}.json").write_text(json.dumps(report, indent=2))

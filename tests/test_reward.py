@@ -1,0 +1,69 @@
+"""Reward model: Bradley-Terry loss and accuracy on a hand-built batch, AUC, scoring."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForSequenceClassification
+from trl import RewardConfig, RewardTrainer
+
+from alignment.embedded import build_tokenizer
+from alignment.reward import pair_metrics, roc_auc, score_responses
+
+
+def _tiny_reward_model(tok):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                      intermediate_size=64, num_labels=1, pad_token_id=tok.pad_token_id)
+    return LlamaForSequenceClassification(cfg)
+
+
+ROWS = [
+    {"prompt": [{"role": "user", "content": f"Add: {i} 1"}], "chosen": [{"role": "assistant", "content": str(i + 1)}],
+     "rejected": [{"role": "assistant", "content": f"Sure! {i + 1}"}]}
+    for i in range(6)
+]
+
+
+def test_bradley_terry_loss_matches_hand_computation(tmp_path):
+    """L = mean(-log sigmoid(r_c - r_r)), with r read at the last real token of each sequence."""
+    tok = build_tokenizer()
+    model = _tiny_reward_model(tok)
+    args = RewardConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, report_to="none", use_cpu=True, max_length=64)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(ROWS), processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    loss = trainer.compute_loss(model, batch).item()
+    prompts = [r["prompt"] for r in ROWS]
+    r_c = score_responses(model, tok, prompts, [r["chosen"][0]["content"] for r in ROWS], batch_size=6)
+    r_r = score_responses(model, tok, prompts, [r["rejected"][0]["content"] for r in ROWS], batch_size=6)
+    by_hand = (-torch.nn.functional.logsigmoid(r_c - r_r)).mean().item()
+    assert math.isclose(loss, by_hand, rel_tol=1e-4, abs_tol=1e-5)
+
+
+def test_pair_metrics_count_accuracy_by_hand():
+    tok = build_tokenizer()
+    model = _tiny_reward_model(tok)
+    metrics = pair_metrics(model, tok, Dataset.from_list(ROWS), batch_size=4)
+    prompts = [r["prompt"] for r in ROWS]
+    r_c = score_responses(model, tok, prompts, [r["chosen"][0]["content"] for r in ROWS], batch_size=3)
+    r_r = score_responses(model, tok, prompts, [r["rejected"][0]["content"] for r in ROWS], batch_size=3)
+    assert metrics["pairwise_accuracy"] == (r_c > r_r).float().mean().item()
+    assert math.isclose(metrics["reward_chosen_mean"], r_c.mean().item(), rel_tol=1e-5)
+
+
+def test_scores_do_not_depend_on_batching_or_padding():
+    tok = build_tokenizer()
+    model = _tiny_reward_model(tok)
+    prompts = [r["prompt"] for r in ROWS]
+    responses = ["1", "a much longer answer", "x"] * 2
+    one = score_responses(model, tok, prompts, responses, batch_size=1)
+    many = score_responses(model, tok, prompts, responses, batch_size=6)
+    assert torch.allclose(one, many, atol=1e-5)
+
+
+def test_roc_auc_by_hand():
+    # positives 3, 1 against negatives 2, 0: pairs (3>2, 3>0, 1<2, 1>0) -> 3 of 4 ordered right.
+    assert roc_auc(positives=torch.tensor([3.0, 1.0]), negatives=torch.tensor([2.0, 0.0])) == 0.75
+    assert roc_auc(positives=torch.tensor([1.0]), negatives=torch.tensor([1.0])) == 0.5
