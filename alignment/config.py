@@ -12,7 +12,7 @@ Hydra composes the config, before anything is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 STAGES = ("sft", "reward", "dpo", "ppo")
@@ -74,6 +74,8 @@ class DataConfig:
     """
 
     path: Optional[str] = None
+    format: Optional[str] = None  # None: detected from the first row (see alignment/formats.py)
+    columns: Optional[Dict[str, str]] = None  # e.g. {prompt: question, completion: answer}
     split: str = "train"
     eval_fraction: float = 0.05  # share of rows held out for evaluation
     max_eval_rows: int = 200

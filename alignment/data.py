@@ -2,12 +2,15 @@
 
 Suite data comes with exact verifiers (gold accuracy). File data goes through the real
 ``datasets.load_dataset`` code: local ``.json``/``.jsonl``/``.parquet``/``.csv`` files or a
-dataset name (which needs the network). Rows are converted once to TRL's conversational form:
+dataset name (which needs the network). Rows are converted once by ``alignment.formats`` (chat
+messages, prompt/completion, Alpaca, ShareGPT, TRL explicit/implicit preference, HH-RLHF,
+UltraFeedback, ShareGPT preference, or a column mapping) to TRL's conversational form:
 
-- SFT: ``{"messages": [...]}`` from ``messages``, ``prompt``/``completion`` or ``prompt``/``chosen``;
-- DPO: ``{"prompt": [...], "chosen": [...], "rejected": [...]}`` from ``prompt``/``chosen``/``rejected``.
+- SFT: ``{"messages": [...]}``;
+- preference (reward model, DPO): ``{"prompt": [...], "chosen": [...], "rejected": [...]}``;
+- prompts (PPO): ``{"prompt": [...]}``.
 
-A row that fits neither shape stops the run with the file, the row number and the fix.
+A row that fits no shape stops the run with the file, the row number and the fix.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from datasets import Dataset
 
 from alignment.config import DataConfig, SuiteConfig
 from alignment.evaluate import example_split, user_turn
+from alignment.formats import FormatError, convert_rows
 from alignment.suite import Example, Suite, build_suite, chatter, suite_fingerprint
 
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -90,25 +94,25 @@ def sft_data(cfg: DataConfig, *, data_path: Optional[str], seed: int) -> StageDa
             counts={"source": "suite", "rows": len(rows), "chatty_demonstrations": n_chatty},
         )
     raw = load_rows(path, split=cfg.split)
-    rows = [_to_messages(row, path=path, index=i) for i, row in enumerate(raw)]
+    rows, formats = _convert(raw, kind="sft", cfg=cfg, path=path)
     train, held = _split(rows, cfg=cfg, seed=seed)
     return StageData(
         train=Dataset.from_list(train),
         held_out=HeldOut(prompts=[r["messages"][:-1] for r in held]),
         fingerprint=f"file:{fingerprint_rows(rows)}",
-        counts={"source": path, "rows_read": len(raw), "train_rows": len(train), "eval_rows": len(held)},
+        counts={"source": path, "rows_read": len(raw), "train_rows": len(train), "eval_rows": len(held), **formats},
     )
 
 
 def preference_file_data(cfg: DataConfig, *, path: str, seed: int) -> StageData:
     raw = load_rows(path, split=cfg.split)
-    rows = [_to_pair(row, path=path, index=i) for i, row in enumerate(raw)]
+    rows, formats = _convert(raw, kind="preference", cfg=cfg, path=path)
     train, held = _split(rows, cfg=cfg, seed=seed)
     return StageData(
         train=Dataset.from_list(train),
         held_out=HeldOut(prompts=[r["prompt"] for r in held]),
         fingerprint=f"file:{fingerprint_rows(rows)}",
-        counts={"source": path, "rows_read": len(raw), "train_pairs": len(train), "eval_pairs": len(held)},
+        counts={"source": path, "rows_read": len(raw), "train_pairs": len(train), "eval_pairs": len(held), **formats},
         eval_pairs=Dataset.from_list(held) if held else None,
     )
 
@@ -151,47 +155,17 @@ def _split(rows: list[dict], *, cfg: DataConfig, seed: int) -> tuple[list[dict],
     return [rows[i] for i in keep], [rows[i] for i in held]
 
 
-def _as_turns(value: Any, role: str, *, where: str) -> list[dict[str, str]]:
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
-    raise DataError(f"{where}: expected a string or a list of {{role, content}} messages, got {type(value).__name__}")
+def prompt_file_rows(cfg: DataConfig, *, path: str) -> list[list[dict[str, str]]]:
+    """Prompts (message lists ending with a user turn) from any supported row shape."""
+    rows, _ = _convert(load_rows(path, split=cfg.split), kind="prompt", cfg=cfg, path=path)
+    return [r["prompt"] for r in rows]
 
 
-def _present(row: dict[str, Any]) -> dict[str, Any]:
-    # load_dataset unifies the columns of all rows, filling a row's missing keys with None.
-    return {k: v for k, v in row.items() if v is not None}
-
-
-def _to_messages(row: dict[str, Any], *, path: str, index: int) -> dict[str, Any]:
-    where = f"{path}, row {index}"
-    row = _present(row)
-    if "messages" in row:
-        messages = _as_turns(row["messages"], "user", where=f"{where}, key 'messages'")
-    elif "prompt" in row and ("completion" in row or "chosen" in row):
-        key = "completion" if "completion" in row else "chosen"
-        messages = _as_turns(row["prompt"], "user", where=f"{where}, key 'prompt'") + _as_turns(
-            row[key], "assistant", where=f"{where}, key {key!r}"
-        )
-    else:
-        raise DataError(
-            f"{where}: an SFT row needs 'messages', or 'prompt' with 'completion' (or 'chosen'); "
-            f"it has {sorted(row)}. Rename the columns or convert the file"
-        )
-    if not messages or messages[-1]["role"] != "assistant":
-        raise DataError(f"{where}: the conversation must end with an assistant turn to train on")
-    return {"messages": messages}
-
-
-def _to_pair(row: dict[str, Any], *, path: str, index: int) -> dict[str, Any]:
-    where = f"{path}, row {index}"
-    row = _present(row)
-    missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
-    if missing:
-        raise DataError(f"{where}: a preference row needs 'prompt', 'chosen' and 'rejected'; missing {missing}")
-    return {
-        "prompt": _as_turns(row["prompt"], "user", where=f"{where}, key 'prompt'"),
-        "chosen": _as_turns(row["chosen"], "assistant", where=f"{where}, key 'chosen'"),
-        "rejected": _as_turns(row["rejected"], "assistant", where=f"{where}, key 'rejected'"),
-    }
+def _convert(raw: list[dict[str, Any]], *, kind: str, cfg: DataConfig, path: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    try:
+        rows, counts = convert_rows(raw, kind=kind, format=cfg.format, columns=dict(cfg.columns) if cfg.columns else None, source=path)
+    except FormatError as err:
+        raise DataError(str(err)) from None
+    # Scores (UltraFeedback) are kept for reporting but are not training columns.
+    rows = [{k: v for k, v in r.items() if k in ("messages", "prompt", "chosen", "rejected")} for r in rows]
+    return rows, {k: v for k, v in counts.items() if k.startswith("format:")}

@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from alignment import ppo_math as pm
-from alignment.data import DataError, load_rows, load_suite, suite_held_out
+from alignment.data import HeldOut, StageData, fingerprint_rows, load_suite, prompt_file_rows, suite_held_out
 from alignment.evaluate import evaluate_policy, kl_to_reference, user_turn
 from alignment.health import HealthCheck
 from alignment.inference import generate_ids, render_prompts
@@ -43,7 +43,6 @@ from alignment.ppo_rollout import Packed, pack, policy_forward, select, sequence
 from alignment.records import StageResult
 from alignment.reward import load_reward_model, policy_reward_score
 from alignment.sft import ctx_result
-from alignment.data import HeldOut, StageData
 from alignment.stage import StageContext, StageError, find_reward_model, load_policy, save_checkpoint, seed_everything
 from alignment.suite import verify
 
@@ -191,8 +190,6 @@ def _value_model(cfg, ctx: StageContext, reward_path: str):
 
 def _prompts(cfg, ctx: StageContext) -> tuple[list[list[int]], list, StageData]:
     """Tokenised training prompts (and their suite examples, for the verifier) plus held-out data."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(ctx.start.path)
     path = cfg.data_path or ctx.cfg.data.path
     if path is None:
@@ -202,23 +199,11 @@ def _prompts(cfg, ctx: StageContext) -> tuple[list[list[int]], list, StageData]:
         held = suite_held_out(suite)
         source = {"source": "suite", "prompts": len(examples)}
     else:
-        rows = load_rows(path, split=ctx.cfg.data.split)
-        messages = [_prompt_messages(row, path=path, index=i) for i, row in enumerate(rows)][: cfg.n_prompts]
+        messages = prompt_file_rows(ctx.cfg.data, path=path)[: cfg.n_prompts]
         examples = [None] * len(messages)
         held = HeldOut(prompts=messages[: ctx.cfg.data.max_eval_rows])
         source = {"source": path, "prompts": len(messages)}
     if len(messages) < cfg.rollout_batch_size:
         raise StageError(f"ppo: {len(messages)} prompts, fewer than ppo.rollout_batch_size={cfg.rollout_batch_size}")
-    from alignment.data import fingerprint_rows
-
     data = StageData(train=None, held_out=held, fingerprint=f"prompts:{fingerprint_rows(messages)}", counts=source)  # type: ignore[arg-type]
     return render_prompts(tokenizer, messages), examples, data
-
-
-def _prompt_messages(row: dict, *, path: str, index: int) -> list[dict[str, str]]:
-    prompt = row.get("prompt")
-    if isinstance(prompt, str):
-        return user_turn(prompt)
-    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt):
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
-    raise DataError(f"{path}, row {index}: a PPO prompt row needs 'prompt' (a string or a list of messages)")

@@ -41,19 +41,26 @@ def test_local_formats_load(tmp_path, fmt):
 
 
 def test_sft_file_rows_become_messages_and_split(tmp_path):
-    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(40)]
-    rows.append({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(41)]
     data = sft_data(DataConfig(eval_fraction=0.1), data_path=_jsonl(tmp_path / "s.jsonl", rows), seed=0)
     assert len(data.train) + len(data.held_out.prompts) == 41
     assert len(data.held_out.prompts) == 4
     assert all(m["messages"][-1]["role"] == "assistant" for m in data.train)
-    assert data.counts["rows_read"] == 41
+    assert data.counts["rows_read"] == 41 and data.counts["format:prompt_completion"] == 41
 
 
 def test_bad_sft_row_names_file_and_row(tmp_path):
+    """The format is detected from the first row; a later row of another shape is named."""
     path = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "completion": "a"}, {"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=r"bad\.jsonl, row 1.*'messages'"):
+    with pytest.raises(DataError, match=r"bad\.jsonl, row 1: key 'prompt' is missing"):
         sft_data(DataConfig(), data_path=path, seed=0)
+
+
+def test_column_mapping_reads_other_names(tmp_path):
+    path = _jsonl(tmp_path / "qa.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(20)])
+    data = sft_data(DataConfig(columns={"prompt": "question", "completion": "answer"}), data_path=path, seed=0)
+    assert data.train[0]["messages"][-1] == {"role": "assistant", "content": data.train[0]["messages"][-1]["content"]}
+    assert data.counts["format:columns"] == 20
 
 
 def test_preference_rows_and_missing_key(tmp_path):
@@ -62,7 +69,7 @@ def test_preference_rows_and_missing_key(tmp_path):
     assert data.train[0]["chosen"] == [{"role": "assistant", "content": "good"}]
     assert data.eval_pairs is not None and len(data.eval_pairs) == 2
     bad = _jsonl(tmp_path / "p2.jsonl", [{"prompt": "q", "chosen": "c"}])
-    with pytest.raises(DataError, match=r"p2\.jsonl, row 0.*'rejected'"):
+    with pytest.raises(DataError, match=r"p2\.jsonl, row 0: no preference format fits a row with keys \['chosen', 'prompt'\]"):
         preference_file_data(DataConfig(), path=bad, seed=0)
 
 
