@@ -77,6 +77,11 @@ class DataConfig:
     format: Optional[str] = None  # None: detected from the first row (see alignment/formats.py)
     columns: Optional[Dict[str, str]] = None  # e.g. {prompt: question, completion: answer}
     split: str = "train"
+    # Checks before training (alignment/checks.py): rows longer than the stage's max_seq_tokens
+    # are dropped, truncated (kept if a response token survives) or an error; a run whose
+    # degenerate and dropped rows exceed max_drop_share stops.
+    over_length: str = "truncate"  # drop | truncate | error
+    max_drop_share: float = 0.05
     eval_fraction: float = 0.05  # share of rows held out for evaluation
     max_eval_rows: int = 200
     suite: SuiteConfig = field(default_factory=SuiteConfig)

@@ -82,7 +82,8 @@ def suite_held_out(suite: Suite) -> HeldOut:
     return HeldOut(examples=example_split(suite.eval_seen, suite.eval_unseen), unseen=frozenset(suite.eval_unseen))
 
 
-def sft_data(cfg: DataConfig, *, data_path: Optional[str], seed: int) -> StageData:
+def sft_data(cfg: DataConfig, *, data_path: Optional[str], seed: int, tokenizer=None, max_seq_tokens: int = 0) -> StageData:
+    """SFT rows; file rows are converted and, given a tokenizer, checked (alignment.checks)."""
     path = data_path or cfg.path
     if path is None:
         suite = load_suite(cfg.suite)
@@ -95,6 +96,12 @@ def sft_data(cfg: DataConfig, *, data_path: Optional[str], seed: int) -> StageDa
         )
     raw = load_rows(path, split=cfg.split)
     rows, formats = _convert(raw, kind="sft", cfg=cfg, path=path)
+    if tokenizer is not None:
+        from alignment.checks import check_sft_rows  # checks imports this module
+
+        rows, report = check_sft_rows(rows, tokenizer=tokenizer, max_seq_tokens=max_seq_tokens, over_length=cfg.over_length,
+                                      max_drop_share=cfg.max_drop_share, source=path)
+        formats["checks"] = report.to_dict()  # type: ignore[assignment]
     train, held = _split(rows, cfg=cfg, seed=seed)
     return StageData(
         train=Dataset.from_list(train),
@@ -104,9 +111,16 @@ def sft_data(cfg: DataConfig, *, data_path: Optional[str], seed: int) -> StageDa
     )
 
 
-def preference_file_data(cfg: DataConfig, *, path: str, seed: int) -> StageData:
+def preference_file_data(cfg: DataConfig, *, path: str, seed: int, tokenizer=None, max_seq_tokens: int = 0) -> StageData:
+    """Preference pairs from a file; given a tokenizer, degenerate pairs are dropped and counted."""
     raw = load_rows(path, split=cfg.split)
     rows, formats = _convert(raw, kind="preference", cfg=cfg, path=path)
+    if tokenizer is not None:
+        from alignment.checks import check_preference_rows  # checks imports this module
+
+        rows, report = check_preference_rows(rows, tokenizer=tokenizer, max_seq_tokens=max_seq_tokens, over_length=cfg.over_length,
+                                             max_drop_share=cfg.max_drop_share, source=path)
+        formats["checks"] = report.to_dict()  # type: ignore[assignment]
     train, held = _split(rows, cfg=cfg, seed=seed)
     return StageData(
         train=Dataset.from_list(train),

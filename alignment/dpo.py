@@ -38,6 +38,7 @@ from alignment.stage import (
     StageError,
     find_reward_model,
     load_policy,
+    load_tokenizer,
     save_checkpoint,
     seed_everything,
     train_metrics,
@@ -50,9 +51,14 @@ def train_dpo(cfg, ctx: StageContext) -> StageResult:
     seed_everything(ctx)
     if ctx.start.path is None:
         raise StageError("dpo needs a trained policy to start from: run it after sft, or set dpo.init_from=<stage or HF dir>")
-    model, tokenizer = load_policy(ctx)
+    tokenizer = load_tokenizer(ctx)
+    path = cfg.data_path or ctx.cfg.data.path
+    file_data = None
+    if path is not None:  # checked before any model loads
+        file_data = preference_file_data(ctx.cfg.data, path=path, seed=ctx.cfg.seed, tokenizer=tokenizer, max_seq_tokens=cfg.max_seq_tokens)
+    model, tokenizer = load_policy(ctx, tokenizer)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
-    data = _preference_data(cfg, ctx, model, tokenizer)
+    data = file_data or _sampled_pairs(cfg, ctx, model, tokenizer)
 
     losses = {"loss_type": [cfg.loss_type]}
     if cfg.sft_loss_weight > 0:
@@ -78,10 +84,7 @@ def train_dpo(cfg, ctx: StageContext) -> StageResult:
     return ctx_result(ctx, cfg, checkpoint=checkpoint, checkpoint_hash=checkpoint_hash, data=data, metrics=metrics)
 
 
-def _preference_data(cfg, ctx: StageContext, model, tokenizer) -> StageData:
-    path = cfg.data_path or ctx.cfg.data.path
-    if path is not None:
-        return preference_file_data(ctx.cfg.data, path=path, seed=ctx.cfg.seed)
+def _sampled_pairs(cfg, ctx: StageContext, model, tokenizer) -> StageData:
     use_reward = cfg.pair_labeler == "reward" or (cfg.pair_labeler == "auto" and (cfg.reward_from or "reward" in ctx.previous))
     if not use_reward:
         return suite_preference_data(model, tokenizer, pairs=cfg.pairs, cfg=ctx.cfg)

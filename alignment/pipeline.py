@@ -210,5 +210,7 @@ def validate(cfg: AlignmentConfig) -> None:
         raise StageError(
             f"ppo.rollout_batch_size={cfg.ppo.rollout_batch_size} must be a multiple of ppo.mini_batch_size={cfg.ppo.mini_batch_size}"
         )
+    if cfg.data.over_length not in ("drop", "truncate", "error"):
+        raise StageError(f"data.over_length={cfg.data.over_length!r}: use drop, truncate or error")
     if cfg.eval.samples_per_prompt < 1 or cfg.eval.temperature < 0 or cfg.eval.max_new_tokens < 1:
         raise StageError("eval.samples_per_prompt and eval.max_new_tokens must be >= 1 and eval.temperature >= 0")

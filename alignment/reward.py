@@ -33,7 +33,7 @@ from alignment.inference import Messages, generate, render_prompts
 from alignment.pairs import suite_preference_data
 from alignment.records import StageResult
 from alignment.sft import ctx_result
-from alignment.stage import StageContext, StageError, load_policy, save_checkpoint, seed_everything, train_metrics, trainer_kwargs
+from alignment.stage import StageContext, StageError, load_policy, load_tokenizer, save_checkpoint, seed_everything, train_metrics, trainer_kwargs
 
 
 def train_reward(cfg, ctx: StageContext) -> StageResult:
@@ -137,6 +137,6 @@ def roc_auc(*, positives: torch.Tensor, negatives: torch.Tensor) -> float:
 def _pairs(cfg, ctx: StageContext) -> StageData:
     path = cfg.data_path or ctx.cfg.data.path
     if path is not None:
-        return preference_file_data(ctx.cfg.data, path=path, seed=ctx.cfg.seed)
+        return preference_file_data(ctx.cfg.data, path=path, seed=ctx.cfg.seed, tokenizer=load_tokenizer(ctx), max_seq_tokens=cfg.max_seq_tokens)
     policy, tokenizer = load_policy(ctx)
     return suite_preference_data(policy, tokenizer, pairs=cfg.pairs, cfg=ctx.cfg)

@@ -13,12 +13,14 @@ from __future__ import annotations
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
+from alignment.checks import GENERATION_TAG
 from alignment.data import sft_data
 from alignment.evaluate import evaluate_policy
 from alignment.stage import (
     StageContext,
     config_dict,
     load_policy,
+    load_tokenizer,
     save_checkpoint,
     seed_everything,
     train_metrics,
@@ -30,20 +32,24 @@ from alignment.records import StageResult
 def train_sft(cfg, ctx: StageContext) -> StageResult:
     """Run the SFT stage described by ``cfg`` (an ``alignment.config.SFTConfig``)."""
     seed_everything(ctx)
-    model, tokenizer = load_policy(ctx)
-    data = sft_data(ctx.cfg.data, data_path=cfg.data_path, seed=ctx.cfg.seed)
+    tokenizer = load_tokenizer(ctx)
+    data = sft_data(ctx.cfg.data, data_path=cfg.data_path, seed=ctx.cfg.seed, tokenizer=tokenizer, max_seq_tokens=cfg.max_seq_tokens)
+    model, tokenizer = load_policy(ctx, tokenizer)
 
     start_metrics = {}
     if ctx.is_first and ctx.cfg.eval.enabled and ctx.cfg.eval.eval_start_model:
         start_metrics = _evaluate(model, tokenizer, data, ctx)
 
+    train, loss_mask = _with_loss_mask(data.train, tokenizer, assistant_only=cfg.assistant_only_loss)
+    data.counts["loss_mask"] = loss_mask
     args = TRLSFTConfig(
         **trainer_kwargs(cfg, ctx),
-        assistant_only_loss=cfg.assistant_only_loss,
+        assistant_only_loss=loss_mask == "generation_tags",
+        completion_only_loss=loss_mask == "final_turn",
         packing=False,
         eos_token=tokenizer.eos_token,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     output = trainer.train()
 
     checkpoint, checkpoint_hash = save_checkpoint(trainer.model, tokenizer, ctx)
@@ -52,6 +58,22 @@ def train_sft(cfg, ctx: StageContext) -> StageResult:
     if ctx.cfg.eval.enabled:
         metrics.update(_evaluate(trainer.model, tokenizer, data, ctx))
     return ctx_result(ctx, cfg, checkpoint=checkpoint, checkpoint_hash=checkpoint_hash, data=data, metrics=metrics, start_metrics=start_metrics)
+
+
+def _with_loss_mask(train, tokenizer, *, assistant_only: bool):
+    """Rows and the way the loss is restricted to responses.
+
+    A template that marks assistant turns with {% generation %} masks every assistant turn
+    ("generation_tags"). Without the tags TRL cannot build that mask, so each conversation is
+    split into prompt (all but the last turn) and completion (the last assistant turn) and the
+    loss covers the completion only ("final_turn"): the mask comes from the prompt's tokens
+    being a prefix of the whole conversation, which alignment.checks verified before loading.
+    """
+    if not assistant_only:
+        return train, "all_tokens"
+    if GENERATION_TAG.search(tokenizer.chat_template or ""):
+        return train, "generation_tags"
+    return train.map(lambda row: {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}, remove_columns=["messages"]), "final_turn"
 
 
 def _evaluate(model, tokenizer, data, ctx: StageContext) -> dict:

@@ -81,37 +81,44 @@ def find_reward_model(ref: Optional[str], ctx: StageContext, *, key: str) -> Sta
     return StartPoint(record.checkpoint, record.checkpoint_hash, record.stage)
 
 
-def load_policy(ctx: StageContext) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The causal LM and tokenizer the stage starts from, with a usable chat template."""
+def load_tokenizer(ctx: StageContext) -> PreTrainedTokenizerBase:
+    """The stage's tokenizer, with a chat template and a pad token; loaded before any model so
+    data can be checked first."""
     cfg = ctx.cfg.model
     if ctx.start.path is None:
-        tokenizer = embedded.build_tokenizer()
-        model = embedded.build_model(cfg, tokenizer)
-        model.to(_dtype(cfg.dtype))
-        return model, tokenizer
+        return embedded.build_tokenizer()
     tokenizer_ref = cfg.tokenizer_name_or_path if ctx.is_first and cfg.tokenizer_name_or_path else ctx.start.path
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_ref)
-        model = AutoModelForCausalLM.from_pretrained(
-            ctx.start.path, dtype=_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation
-        )
     except OSError as err:
-        raise StageError(f"could not load model or tokenizer from {ctx.start.path!r} ({err}); check model.name_or_path / init_from") from err
-    prepare_tokenizer(tokenizer, model, chat_template=cfg.chat_template)
-    return model, tokenizer
-
-
-def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, *, chat_template: Optional[str]) -> None:
-    """Give a real tokenizer what training needs: a chat template and a pad token."""
-    if chat_template:
-        tokenizer.chat_template = chat_template
+        raise StageError(f"could not load a tokenizer from {tokenizer_ref!r} ({err}); check model.tokenizer_name_or_path / init_from") from err
+    if cfg.chat_template:
+        tokenizer.chat_template = cfg.chat_template
     elif not tokenizer.chat_template:
         tokenizer.chat_template = embedded.CHAT_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(ctx: StageContext, tokenizer: Optional[PreTrainedTokenizerBase] = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The causal LM and tokenizer the stage starts from, with a usable chat template."""
+    cfg = ctx.cfg.model
+    tokenizer = tokenizer or load_tokenizer(ctx)
+    if ctx.start.path is None:
+        model = embedded.build_model(cfg, tokenizer)
+        model.to(_dtype(cfg.dtype))
+        return model, tokenizer
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            ctx.start.path, dtype=_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation
+        )
+    except OSError as err:
+        raise StageError(f"could not load a model from {ctx.start.path!r} ({err}); check model.name_or_path / init_from") from err
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
 
 
 def trainer_kwargs(train: TrainConfig, ctx: StageContext) -> dict[str, Any]:
