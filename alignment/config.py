@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 STAGES = ("sft", "reward", "dpo", "ppo")
 
 
@@ -64,6 +65,17 @@ class SuiteConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One dataset of a mixture: a file or ``datasets`` name and its share of the mixture."""
+
+    path: str = MISSING
+    weight: float = 1.0  # share of the final mixture (normalised over the sources)
+    format: Optional[str] = None
+    columns: Optional[Dict[str, str]] = None
+    split: str = "train"
+
+
+@dataclass
 class DataConfig:
     """Where the examples come from.
 
@@ -74,6 +86,10 @@ class DataConfig:
     """
 
     path: Optional[str] = None
+    # Several sources mixed by weight, used when path is unset:
+    #   data.sources='[{path: a.jsonl, weight: 0.7}, {path: b.json, weight: 0.3}]'
+    sources: List[SourceConfig] = field(default_factory=list)
+    mixture_size: Optional[int] = None  # rows in the mixture; None: the sources' total
     format: Optional[str] = None  # None: detected from the first row (see alignment/formats.py)
     columns: Optional[Dict[str, str]] = None  # e.g. {prompt: question, completion: answer}
     split: str = "train"

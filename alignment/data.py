@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,17 @@ from alignment.evaluate import example_split, user_turn
 from alignment.formats import FormatError, convert_rows
 from alignment.suite import Example, Suite, build_suite, chatter, suite_fingerprint
 
+log = logging.getLogger(__name__)
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+MIXTURE = "<mixture of data.sources>"
+
+
+def stage_source(cfg: DataConfig, data_path: Optional[str]) -> Optional[str]:
+    """What a stage reads: its own data_path, data.path, the data.sources mixture, or None for
+    the built-in task suite."""
+    return data_path or cfg.path or (MIXTURE if cfg.sources else None)
 
 
 class DataError(ValueError):
@@ -84,7 +95,7 @@ def suite_held_out(suite: Suite) -> HeldOut:
 
 def sft_data(cfg: DataConfig, *, data_path: Optional[str], seed: int, tokenizer=None, max_seq_tokens: int = 0) -> StageData:
     """SFT rows; file rows are converted and, given a tokenizer, checked (alignment.checks)."""
-    path = data_path or cfg.path
+    path = stage_source(cfg, data_path)
     if path is None:
         suite = load_suite(cfg.suite)
         rows, n_chatty = suite_demonstrations(suite, chatter_rate=cfg.suite.demo_chatter_rate, seed=cfg.suite.seed)
@@ -94,8 +105,7 @@ def sft_data(cfg: DataConfig, *, data_path: Optional[str], seed: int, tokenizer=
             fingerprint=f"suite:{suite_fingerprint(suite)}:chatter={cfg.suite.demo_chatter_rate}",
             counts={"source": "suite", "rows": len(rows), "chatty_demonstrations": n_chatty},
         )
-    raw = load_rows(path, split=cfg.split)
-    rows, formats = _convert(raw, kind="sft", cfg=cfg, path=path)
+    rows, formats = _converted(cfg, path=path, kind="sft", seed=seed)
     if tokenizer is not None:
         from alignment.checks import check_sft_rows  # checks imports this module
 
@@ -107,14 +117,13 @@ def sft_data(cfg: DataConfig, *, data_path: Optional[str], seed: int, tokenizer=
         train=Dataset.from_list(train),
         held_out=HeldOut(prompts=[r["messages"][:-1] for r in held]),
         fingerprint=f"file:{fingerprint_rows(rows)}",
-        counts={"source": path, "rows_read": len(raw), "train_rows": len(train), "eval_rows": len(held), **formats},
+        counts={"source": path, "rows_read": formats.pop("rows"), "train_rows": len(train), "eval_rows": len(held), **formats},
     )
 
 
 def preference_file_data(cfg: DataConfig, *, path: str, seed: int, tokenizer=None, max_seq_tokens: int = 0) -> StageData:
     """Preference pairs from a file; given a tokenizer, degenerate pairs are dropped and counted."""
-    raw = load_rows(path, split=cfg.split)
-    rows, formats = _convert(raw, kind="preference", cfg=cfg, path=path)
+    rows, formats = _converted(cfg, path=path, kind="preference", seed=seed)
     if tokenizer is not None:
         from alignment.checks import check_preference_rows  # checks imports this module
 
@@ -126,7 +135,7 @@ def preference_file_data(cfg: DataConfig, *, path: str, seed: int, tokenizer=Non
         train=Dataset.from_list(train),
         held_out=HeldOut(prompts=[r["prompt"] for r in held]),
         fingerprint=f"file:{fingerprint_rows(rows)}",
-        counts={"source": path, "rows_read": len(raw), "train_pairs": len(train), "eval_pairs": len(held), **formats},
+        counts={"source": path, "rows_read": formats.pop("rows"), "train_pairs": len(train), "eval_pairs": len(held), **formats},
         eval_pairs=Dataset.from_list(held) if held else None,
     )
 
@@ -169,15 +178,39 @@ def _split(rows: list[dict], *, cfg: DataConfig, seed: int) -> tuple[list[dict],
     return [rows[i] for i in keep], [rows[i] for i in held]
 
 
-def prompt_file_rows(cfg: DataConfig, *, path: str) -> list[list[dict[str, str]]]:
+def prompt_file_rows(cfg: DataConfig, *, path: str, seed: int = 0) -> list[list[dict[str, str]]]:
     """Prompts (message lists ending with a user turn) from any supported row shape."""
-    rows, _ = _convert(load_rows(path, split=cfg.split), kind="prompt", cfg=cfg, path=path)
+    rows, _ = _converted(cfg, path=path, kind="prompt", seed=seed)
     return [r["prompt"] for r in rows]
 
 
-def _convert(raw: list[dict[str, Any]], *, kind: str, cfg: DataConfig, path: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def _converted(cfg: DataConfig, *, path: str, kind: str, seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of one file, or of the weighted mixture of data.sources, in the stage's form."""
+    if path != MIXTURE:
+        rows, counts = _convert(load_rows(path, split=cfg.split), kind=kind, source=path, fmt=cfg.format, columns=cfg.columns)
+        return rows, {"rows": len(rows), **counts}
+    from alignment.mixture import Source, mix
+
+    sources, counts = [], {}
+    for source in cfg.sources:
+        rows, formats = _convert(load_rows(source.path, split=source.split), kind=kind, source=source.path, fmt=source.format,
+                                 columns=source.columns)
+        sources.append(Source(name=source.path, rows=rows, weight=source.weight))
+        for key, value in formats.items():
+            counts[key] = counts.get(key, 0) + value
     try:
-        rows, counts = convert_rows(raw, kind=kind, format=cfg.format, columns=dict(cfg.columns) if cfg.columns else None, source=path)
+        mixed, report = mix(sources, total=cfg.mixture_size, seed=seed)
+    except ValueError as err:
+        raise DataError(f"data.sources: {err}") from None
+    for name, entry in report.items():
+        log.info("mixture: %s took %d of %d rows (share %.3f, asked %.3f, %d oversampled)", name, entry["rows_taken"],
+                 entry["rows_available"], entry["share_realised"], entry["share_requested"], entry["oversampled"])
+    return mixed, {"rows": len(mixed), "mixture": report, **counts}
+
+
+def _convert(raw: list[dict[str, Any]], *, kind: str, source: str, fmt: Optional[str], columns) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    try:
+        rows, counts = convert_rows(raw, kind=kind, format=fmt, columns=dict(columns) if columns else None, source=source)
     except FormatError as err:
         raise DataError(str(err)) from None
     # Scores (UltraFeedback) are kept for reporting but are not training columns.

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from alignment.config import ConfigError
-from alignment.data import DataError, preference_file_data, prompt_file_rows, sft_data
+from alignment.data import DataError, preference_file_data, prompt_file_rows, sft_data, stage_source
 from alignment.embedded import build_tokenizer
 from alignment.run import compose_config
 from alignment.stage import StageError
@@ -37,7 +37,7 @@ def _tokenizer(cfg):
 
 def validate_stage(cfg, stage: str, tokenizer) -> str:
     stage_cfg = getattr(cfg, stage)
-    path = stage_cfg.data_path or cfg.data.path
+    path = stage_source(cfg.data, stage_cfg.data_path)
     if path is None:
         return f"[{stage}] built-in task suite: generated and exact, nothing to check"
     common = {"seed": cfg.seed, "tokenizer": tokenizer, "max_seq_tokens": stage_cfg.max_seq_tokens}

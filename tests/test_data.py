@@ -78,3 +78,30 @@ def test_missing_file_and_offline_name_are_clear(tmp_path):
         load_rows(str(tmp_path / "nope.jsonl"), split="train")
     with pytest.raises(DataError, match="Offline, only local files work"):
         load_rows("some-org/some-dataset-that-is-not-here", split="train")
+
+
+def test_mixture_of_sources_realises_weights_and_records_them(tmp_path):
+    from alignment.config import SourceConfig
+
+    a = _jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "completion": "x"} for i in range(30)])
+    (tmp_path / "b.json").write_text(json.dumps([{"instruction": f"b{i}", "output": "y"} for i in range(5)]))
+    cfg = DataConfig(sources=[SourceConfig(path=a, weight=0.75), SourceConfig(path=str(tmp_path / "b.json"), weight=0.25)],
+                     mixture_size=40, eval_fraction=0.0)
+    data = sft_data(cfg, data_path=None, seed=0)
+    mixture = data.counts["mixture"]
+    assert mixture[a]["rows_taken"] == 30 and mixture[str(tmp_path / "b.json")]["rows_taken"] == 10
+    assert mixture[str(tmp_path / "b.json")]["oversampled"] == 5, "5 rows asked beyond the 5 available"
+    assert data.counts["format:prompt_completion"] == 30 and data.counts["format:alpaca"] == 5
+    assert len(data.train) == 40
+    firsts = [row["messages"][0]["content"] for row in data.train]
+    assert sum(f.startswith("b") for f in firsts) == 10
+
+
+def test_sources_compose_from_the_command_line(tmp_path):
+    from alignment.run import compose_config
+
+    a = _jsonl(tmp_path / "a.jsonl", [{"prompt": "q", "completion": "x"}])
+    cfg = compose_config(["+recipe=sft", f"data.sources=[{{path: {a}, weight: 0.7}}, {{path: {a}, weight: 0.3}}]"])
+    assert [s.weight for s in cfg.data.sources] == [0.7, 0.3]
+    with pytest.raises(Exception, match="no such file"):
+        compose_config(["+recipe=sft", f"data.sources=[{{path: {tmp_path}/missing.jsonl}}]"])
