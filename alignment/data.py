@@ -105,39 +105,42 @@ def sft_data(cfg: DataConfig, *, data_path: Optional[str], seed: int, tokenizer=
             fingerprint=f"suite:{suite_fingerprint(suite)}:chatter={cfg.suite.demo_chatter_rate}",
             counts={"source": "suite", "rows": len(rows), "chatty_demonstrations": n_chatty},
         )
-    rows, formats = _converted(cfg, path=path, kind="sft", seed=seed)
-    if tokenizer is not None:
-        from alignment.checks import check_sft_rows  # checks imports this module
-
-        rows, report = check_sft_rows(rows, tokenizer=tokenizer, max_seq_tokens=max_seq_tokens, over_length=cfg.over_length,
-                                      max_drop_share=cfg.max_drop_share, source=path)
-        formats["checks"] = report.to_dict()  # type: ignore[assignment]
-    train, held = _split(rows, cfg=cfg, seed=seed)
+    rows, train, held, counts = _checked_file_rows(cfg, path=path, kind="sft", seed=seed, tokenizer=tokenizer, max_seq_tokens=max_seq_tokens)
     return StageData(
         train=Dataset.from_list(train),
         held_out=HeldOut(prompts=[r["messages"][:-1] for r in held]),
         fingerprint=f"file:{fingerprint_rows(rows)}",
-        counts={"source": path, "rows_read": formats.pop("rows"), "train_rows": len(train), "eval_rows": len(held), **formats},
+        counts=counts,
     )
 
 
 def preference_file_data(cfg: DataConfig, *, path: str, seed: int, tokenizer=None, max_seq_tokens: int = 0) -> StageData:
     """Preference pairs from a file; given a tokenizer, degenerate pairs are dropped and counted."""
-    rows, formats = _converted(cfg, path=path, kind="preference", seed=seed)
-    if tokenizer is not None:
-        from alignment.checks import check_preference_rows  # checks imports this module
-
-        rows, report = check_preference_rows(rows, tokenizer=tokenizer, max_seq_tokens=max_seq_tokens, over_length=cfg.over_length,
-                                             max_drop_share=cfg.max_drop_share, source=path)
-        formats["checks"] = report.to_dict()  # type: ignore[assignment]
-    train, held = _split(rows, cfg=cfg, seed=seed)
+    rows, train, held, counts = _checked_file_rows(cfg, path=path, kind="preference", seed=seed, tokenizer=tokenizer,
+                                                   max_seq_tokens=max_seq_tokens)
     return StageData(
         train=Dataset.from_list(train),
         held_out=HeldOut(prompts=[r["prompt"] for r in held]),
         fingerprint=f"file:{fingerprint_rows(rows)}",
-        counts={"source": path, "rows_read": formats.pop("rows"), "train_pairs": len(train), "eval_pairs": len(held), **formats},
+        counts=counts,
         eval_pairs=Dataset.from_list(held) if held else None,
     )
+
+
+def _checked_file_rows(cfg: DataConfig, *, path: str, kind: str, seed: int, tokenizer, max_seq_tokens: int):
+    """Converted rows, checked when a tokenizer is given, split into train and held-out."""
+    rows, formats = _converted(cfg, path=path, kind=kind, seed=seed)
+    if tokenizer is not None:
+        from alignment.checks import check_preference_rows, check_sft_rows  # checks imports this module
+
+        check = check_sft_rows if kind == "sft" else check_preference_rows
+        rows, report = check(rows, tokenizer=tokenizer, max_seq_tokens=max_seq_tokens, over_length=cfg.over_length,
+                             max_drop_share=cfg.max_drop_share, source=path)
+        formats["checks"] = report.to_dict()
+    train, held = _split(rows, cfg=cfg, seed=seed)
+    unit = "rows" if kind == "sft" else "pairs"
+    counts = {"source": path, "rows_read": formats.pop("rows"), f"train_{unit}": len(train), f"eval_{unit}": len(held), **formats}
+    return rows, train, held, counts
 
 
 def load_rows(path: str, *, split: str) -> list[dict[str, Any]]:
