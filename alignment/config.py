@@ -124,6 +124,7 @@ class TrainConfig:
     # stage); a path to an HF directory or a previous stage's directory overrides it.
     init_from: Optional[str] = None
     data_path: Optional[str] = None  # overrides data.path for this stage
+    data_sources: List[SourceConfig] = field(default_factory=list)  # a mixture for this stage only
 
 
 @dataclass

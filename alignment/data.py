@@ -15,6 +15,7 @@ A row that fits no shape stops the run with the file, the row number and the fix
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,7 +35,15 @@ log = logging.getLogger(__name__)
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-MIXTURE = "<mixture of data.sources>"
+MIXTURE = "<mixture of data sources>"
+
+
+def stage_data(cfg: DataConfig, stage_cfg: Any) -> DataConfig:
+    """The data config a stage reads: ``<stage>.data_sources`` (a mixture for that stage)
+    replaces data.path and data.sources; otherwise the shared one."""
+    if getattr(stage_cfg, "data_sources", None):
+        return dataclasses.replace(cfg, path=None, sources=list(stage_cfg.data_sources))
+    return cfg
 
 
 def stage_source(cfg: DataConfig, data_path: Optional[str]) -> Optional[str]:

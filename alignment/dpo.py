@@ -26,7 +26,7 @@ from datasets import Dataset
 from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer
 
-from alignment.data import StageData, preference_file_data, stage_source
+from alignment.data import StageData, preference_file_data, stage_data, stage_source
 from alignment.evaluate import evaluate_policy, kl_to_reference
 from alignment.inference import response_logps
 from alignment.pairs import suite_preference_data
@@ -52,10 +52,11 @@ def train_dpo(cfg, ctx: StageContext) -> StageResult:
     if ctx.start.path is None:
         raise StageError("dpo needs a trained policy to start from: run it after sft, or set dpo.init_from=<stage or HF dir>")
     tokenizer = load_tokenizer(ctx)
-    path = stage_source(ctx.cfg.data, cfg.data_path)
+    data_cfg = stage_data(ctx.cfg.data, cfg)
+    path = stage_source(data_cfg, cfg.data_path)
     file_data = None
     if path is not None:  # checked before any model loads
-        file_data = preference_file_data(ctx.cfg.data, path=path, seed=ctx.cfg.seed, tokenizer=tokenizer, max_seq_tokens=cfg.max_seq_tokens)
+        file_data = preference_file_data(data_cfg, path=path, seed=ctx.cfg.seed, tokenizer=tokenizer, max_seq_tokens=cfg.max_seq_tokens)
     model, tokenizer = load_policy(ctx, tokenizer)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     data = file_data or _sampled_pairs(cfg, ctx, model, tokenizer)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from alignment.config import AlignmentConfig
-from alignment.data import MIXTURE, load_suite, stage_source
+from alignment.data import MIXTURE, load_suite, stage_data, stage_source
 from alignment.dpo import train_dpo
 from alignment.ppo import train_ppo
 from alignment.reward import train_reward
@@ -111,11 +111,12 @@ def _inputs_key(cfg: AlignmentConfig, stage: str, start: StartPoint, *, upstream
 
 def source_fingerprint(cfg: AlignmentConfig, stage_cfg) -> str:
     """A cheap fingerprint of the data a stage reads, known before anything is loaded."""
-    path = stage_source(cfg.data, stage_cfg.data_path)
+    data_cfg = stage_data(cfg.data, stage_cfg)
+    path = stage_source(data_cfg, stage_cfg.data_path)
     if path is None:
         return "suite:" + suite_fingerprint(load_suite(cfg.data.suite))
     if path == MIXTURE:
-        return "mixture:" + "|".join(f"{_file_fingerprint(s.path)}*{s.weight}" for s in cfg.data.sources)
+        return "mixture:" + "|".join(f"{_file_fingerprint(s.path)}*{s.weight}" for s in data_cfg.sources)
     return _file_fingerprint(path)
 
 
@@ -198,10 +199,11 @@ def validate(cfg: AlignmentConfig) -> None:
                 raise StageError(f"{stage}.{name}={getattr(train, name)} must be > 0")
         if train.max_steps <= 0 and train.num_epochs <= 0:
             raise StageError(f"{stage}: set {stage}.num_epochs > 0 or {stage}.max_steps > 0")
-        path = stage_source(cfg.data, train.data_path)
-        for source in [s.path for s in cfg.data.sources] if path == MIXTURE else [path] if path else []:
+        data_cfg = stage_data(cfg.data, train)
+        path = stage_source(data_cfg, train.data_path)
+        for source in [s.path for s in data_cfg.sources] if path == MIXTURE else [path] if path else []:
             if Path(source).suffix and not Path(source).expanduser().is_file():
-                key = f"{stage}.data_path" if train.data_path else "data.sources" if path == MIXTURE else "data.path"
+                key = f"{stage}.data_path" if train.data_path else f"{stage}.data_sources/data.sources" if path == MIXTURE else "data.path"
                 raise StageError(f"{key}: {source}: no such file")
     first = getattr(cfg, cfg.stages[0])
     if cfg.stages[0] in ("dpo", "ppo", "reward") and not (first.init_from or cfg.model.name_or_path):

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from alignment import ppo_math as pm
-from alignment.data import HeldOut, StageData, fingerprint_rows, load_suite, prompt_file_rows, stage_source, suite_held_out
+from alignment.data import HeldOut, StageData, fingerprint_rows, load_suite, prompt_file_rows, stage_data, stage_source, suite_held_out
 from alignment.evaluate import evaluate_policy, kl_to_reference, user_turn
 from alignment.health import HealthCheck
 from alignment.inference import generate_ids, render_prompts
@@ -191,7 +191,8 @@ def _value_model(cfg, ctx: StageContext, reward_path: str):
 def _prompts(cfg, ctx: StageContext) -> tuple[list[list[int]], list, StageData]:
     """Tokenised training prompts (and their suite examples, for the verifier) plus held-out data."""
     tokenizer = AutoTokenizer.from_pretrained(ctx.start.path)
-    path = stage_source(ctx.cfg.data, cfg.data_path)
+    data_cfg = stage_data(ctx.cfg.data, cfg)
+    path = stage_source(data_cfg, cfg.data_path)
     if path is None:
         suite = load_suite(ctx.cfg.data.suite)
         examples = list(suite.train[: cfg.n_prompts])
@@ -199,7 +200,7 @@ def _prompts(cfg, ctx: StageContext) -> tuple[list[list[int]], list, StageData]:
         held = suite_held_out(suite)
         source = {"source": "suite", "prompts": len(examples)}
     else:
-        messages = prompt_file_rows(ctx.cfg.data, path=path, seed=ctx.cfg.seed)[: cfg.n_prompts]
+        messages = prompt_file_rows(data_cfg, path=path, seed=ctx.cfg.seed)[: cfg.n_prompts]
         examples = [None] * len(messages)
         held = HeldOut(prompts=messages[: ctx.cfg.data.max_eval_rows])
         source = {"source": path, "prompts": len(messages)}

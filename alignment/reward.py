@@ -27,7 +27,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from trl import RewardConfig as TRLRewardConfig
 from trl import RewardTrainer
 
-from alignment.data import StageData, preference_file_data, stage_source
+from alignment.data import StageData, preference_file_data, stage_data, stage_source
 from alignment.evaluate import user_turn
 from alignment.inference import Messages, generate, render_prompts
 from alignment.pairs import suite_preference_data
@@ -135,8 +135,9 @@ def roc_auc(*, positives: torch.Tensor, negatives: torch.Tensor) -> float:
 
 
 def _pairs(cfg, ctx: StageContext) -> StageData:
-    path = stage_source(ctx.cfg.data, cfg.data_path)
+    data_cfg = stage_data(ctx.cfg.data, cfg)
+    path = stage_source(data_cfg, cfg.data_path)
     if path is not None:
-        return preference_file_data(ctx.cfg.data, path=path, seed=ctx.cfg.seed, tokenizer=load_tokenizer(ctx), max_seq_tokens=cfg.max_seq_tokens)
+        return preference_file_data(data_cfg, path=path, seed=ctx.cfg.seed, tokenizer=load_tokenizer(ctx), max_seq_tokens=cfg.max_seq_tokens)
     policy, tokenizer = load_policy(ctx)
     return suite_preference_data(policy, tokenizer, pairs=cfg.pairs, cfg=ctx.cfg)

@@ -14,7 +14,7 @@ from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
 from alignment.checks import GENERATION_TAG
-from alignment.data import sft_data
+from alignment.data import sft_data, stage_data
 from alignment.evaluate import evaluate_policy
 from alignment.stage import (
     StageContext,
@@ -33,7 +33,7 @@ def train_sft(cfg, ctx: StageContext) -> StageResult:
     """Run the SFT stage described by ``cfg`` (an ``alignment.config.SFTConfig``)."""
     seed_everything(ctx)
     tokenizer = load_tokenizer(ctx)
-    data = sft_data(ctx.cfg.data, data_path=cfg.data_path, seed=ctx.cfg.seed, tokenizer=tokenizer, max_seq_tokens=cfg.max_seq_tokens)
+    data = sft_data(stage_data(ctx.cfg.data, cfg), data_path=cfg.data_path, seed=ctx.cfg.seed, tokenizer=tokenizer, max_seq_tokens=cfg.max_seq_tokens)
     model, tokenizer = load_policy(ctx, tokenizer)
 
     start_metrics = {}

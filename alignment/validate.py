@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from alignment.config import ConfigError
-from alignment.data import DataError, preference_file_data, prompt_file_rows, sft_data, stage_source
+from alignment.data import DataError, preference_file_data, prompt_file_rows, sft_data, stage_data, stage_source
 from alignment.embedded import build_tokenizer
 from alignment.run import compose_config
 from alignment.stage import StageError
@@ -37,17 +37,18 @@ def _tokenizer(cfg):
 
 def validate_stage(cfg, stage: str, tokenizer) -> str:
     stage_cfg = getattr(cfg, stage)
-    path = stage_source(cfg.data, stage_cfg.data_path)
+    data_cfg = stage_data(cfg.data, stage_cfg)
+    path = stage_source(data_cfg, stage_cfg.data_path)
     if path is None:
         return f"[{stage}] built-in task suite: generated and exact, nothing to check"
     common = {"seed": cfg.seed, "tokenizer": tokenizer, "max_seq_tokens": stage_cfg.max_seq_tokens}
     if stage == "sft":
-        data = sft_data(cfg.data, data_path=path, **common)
+        data = sft_data(data_cfg, data_path=path, **common)
     elif stage == "ppo":
-        prompts = prompt_file_rows(cfg.data, path=path)
+        prompts = prompt_file_rows(data_cfg, path=path)
         return f"[{stage}] {path}: {len(prompts)} prompts"
     else:
-        data = preference_file_data(cfg.data, path=path, **common)
+        data = preference_file_data(data_cfg, path=path, **common)
     checks = data.counts.get("checks", {})
     formats = ", ".join(f"{k[len('format:'):]}={v}" for k, v in data.counts.items() if k.startswith("format:"))
     lines = [f"[{stage}] {path} ({formats})", f"  rows read {checks.get('rows_read')}, kept {checks.get('rows_kept')}, "

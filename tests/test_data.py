@@ -105,3 +105,15 @@ def test_sources_compose_from_the_command_line(tmp_path):
     assert [s.weight for s in cfg.data.sources] == [0.7, 0.3]
     with pytest.raises(Exception, match="no such file"):
         compose_config(["+recipe=sft", f"data.sources=[{{path: {tmp_path}/missing.jsonl}}]"])
+
+
+def test_a_stage_can_have_its_own_mixture(tmp_path):
+    from alignment.config import DPOConfig, SourceConfig
+    from alignment.data import MIXTURE, stage_data, stage_source
+
+    a = _jsonl(tmp_path / "a.jsonl", [{"prompt": "q", "chosen": "c", "rejected": "r"}])
+    shared = DataConfig(path=str(tmp_path / "sft.jsonl"))
+    dpo = DPOConfig(data_sources=[SourceConfig(path=a, weight=1.0)])
+    data_cfg = stage_data(shared, dpo)
+    assert stage_source(data_cfg, dpo.data_path) == MIXTURE and data_cfg.sources[0].path == a
+    assert stage_source(stage_data(shared, DPOConfig()), None) == shared.path, "other stages keep the shared data"
