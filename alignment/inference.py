@@ -13,6 +13,8 @@ from typing import Iterator, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from alignment.ppo_rollout import pack, policy_forward
+
 Messages = list[dict[str, str]]
 
 
@@ -102,6 +104,11 @@ def generate_ids(model, tokenizer, batch: list[list[int]], *, temperature: float
     return responses
 
 
+def response_ids(tokenizer: PreTrainedTokenizerBase, responses: Sequence[str]) -> list[list[int]]:
+    """Each response's tokens with the end-of-sequence token that closes an assistant turn."""
+    return [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
+
+
 def response_logps(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -111,23 +118,13 @@ def response_logps(
     batch_size: int,
 ) -> torch.Tensor:
     """Sum of log-probabilities of each response (its end-of-sequence token included)."""
-    prompt_ids = render_prompts(tokenizer, prompts)
-    response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
+    prompt_ids, answer_ids = render_prompts(tokenizer, prompts), response_ids(tokenizer, responses)
     device = next(model.parameters()).device
     totals = []
     with _eval_mode(model):
         for start in range(0, len(prompt_ids), batch_size):
-            p_batch = prompt_ids[start : start + batch_size]
-            r_batch = response_ids[start : start + batch_size]
-            seqs = [p + r for p, r in zip(p_batch, r_batch)]
-            width = max(len(s) for s in seqs)
-            input_ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs], device=device)
-            attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-            mask = torch.tensor(
-                [[0] * len(p) + [1] * len(r) + [0] * (width - len(p) - len(r)) for p, r in zip(p_batch, r_batch)],
-                device=device,
-            )
-            logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            totals.append((logp * mask[:, 1:]).sum(-1).cpu())
+            packed = pack(prompt_ids[start : start + batch_size], answer_ids[start : start + batch_size],
+                          pad_token_id=tokenizer.pad_token_id).to(device)
+            logprobs, _ = policy_forward(model, packed, temperature=1.0)
+            totals.append((logprobs * packed.mask).sum(-1).cpu())
     return torch.cat(totals)

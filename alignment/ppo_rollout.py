@@ -24,6 +24,12 @@ class Packed:
     mask: torch.Tensor  # [batch, response_len], 1 on real response tokens
     last_index: torch.Tensor  # [batch]: position of the last real token of each row
 
+    def to(self, device) -> "Packed":
+        return Packed(*(getattr(self, f).to(device) for f in _FIELDS))
+
+
+_FIELDS = ("input_ids", "attention_mask", "positions", "response_ids", "mask", "last_index")
+
 
 def pack(prompts: list[list[int]], responses: list[list[int]], *, pad_token_id: int) -> Packed:
     seqs = [p + r for p, r in zip(prompts, responses)]
@@ -40,7 +46,7 @@ def pack(prompts: list[list[int]], responses: list[list[int]], *, pad_token_id: 
 
 def select(packed: Packed, index: torch.Tensor) -> Packed:
     """Rows ``index`` of a packed batch (a PPO mini-batch)."""
-    return Packed(*(getattr(packed, f)[index] for f in ("input_ids", "attention_mask", "positions", "response_ids", "mask", "last_index")))
+    return Packed(*(getattr(packed, f)[index] for f in _FIELDS))
 
 
 def policy_forward(model: PreTrainedModel, packed: Packed, *, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

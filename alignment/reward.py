@@ -29,7 +29,8 @@ from trl import RewardTrainer
 
 from alignment.data import StageData, preference_file_data, stage_data, stage_source
 from alignment.evaluate import user_turn
-from alignment.inference import Messages, generate, render_prompts
+from alignment.inference import Messages, generate, render_prompts, response_ids
+from alignment.ppo_rollout import pack, sequence_scores
 from alignment.pairs import suite_preference_data
 from alignment.records import StageResult
 from alignment.sft import ctx_result
@@ -84,20 +85,18 @@ def score_responses(
     *,
     batch_size: int,
 ) -> torch.Tensor:
-    """Reward of each (prompt, response), rendered with the chat template as in training."""
-    prompt_ids = render_prompts(tokenizer, prompts)
-    seqs = [p + tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for p, r in zip(prompt_ids, responses)]
+    """Reward of each (prompt, response), rendered with the chat template as in training and
+    read at the last real token (so a pad token equal to EOS does no harm)."""
+    prompt_ids, answer_ids = render_prompts(tokenizer, prompts), response_ids(tokenizer, responses)
     device = next(model.parameters()).device
     scores = []
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(seqs), batch_size):
-            batch = seqs[start : start + batch_size]
-            width = max(len(s) for s in batch)
-            ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in batch], device=device)
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch], device=device)
-            scores.append(model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu())
+        for start in range(0, len(prompt_ids), batch_size):
+            packed = pack(prompt_ids[start : start + batch_size], answer_ids[start : start + batch_size],
+                          pad_token_id=tokenizer.pad_token_id).to(device)
+            scores.append(sequence_scores(model, packed).cpu())
     model.train(was_training)
     return torch.cat(scores) if scores else torch.zeros(0)
 
