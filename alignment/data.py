@@ -227,4 +227,7 @@ def _convert(raw: list[dict[str, Any]], *, kind: str, source: str, fmt: Optional
         raise DataError(str(err)) from None
     # Scores (UltraFeedback) are kept for reporting but are not training columns.
     rows = [{k: v for k, v in r.items() if k in ("messages", "prompt", "chosen", "rejected")} for r in rows]
-    return rows, {k: v for k, v in counts.items() if k.startswith("format:")}
+    for key, value in counts.items():
+        if key.startswith("dropped:") and value:
+            log.info("%s: %d rows %s", source, value, key)
+    return rows, {k: v for k, v in counts.items() if k.startswith(("format:", "dropped:"))}

@@ -127,13 +127,22 @@ def convert_rows(rows: list[Row], *, kind: str, format: Optional[str] = None,
     """
     if not rows:
         return [], {"rows": 0}
+    dropped = {}
+    if kind == "sft" and isinstance(rows[0].get("label"), bool):
+        # Unpaired preference (KTO-style messages + label): only desirable examples are
+        # demonstrations; the others are dropped and counted, never trained on.
+        kept = [row for row in rows if row.get("label") is True]
+        dropped = {"dropped:unpaired_undesirable": len(rows) - len(kept)}
+        rows = kept
+        if not rows:
+            raise FormatError(f"{source}: every row has label false (unpaired preference); there is nothing to imitate")
     name = format or ("columns" if columns is not None else None)
     if format is None or (format == "columns" and columns is not None):
         first = _rename(rows[0], columns=columns, where=f"{source}, row 0") if columns is not None else rows[0]
         format = detect_format(first, kind=kind, source=source, index=0)
     out = [convert_row(row, kind=kind, format=format, columns=columns, source=source, index=i)
            for i, row in enumerate(rows)]
-    return out, {"rows": len(out), f"format:{name or format}": len(out)}
+    return out, {"rows": len(out), f"format:{name or format}": len(out), **dropped}
 
 
 def _detect(row: Row, kind: str) -> Optional[str]:
@@ -163,6 +172,10 @@ def _detect_pair(row: Row) -> Optional[str]:
 
 
 def _no_format(row: Row, *, kind: str, where: str) -> FormatError:
+    if kind == "preference" and isinstance(row.get("label"), bool):
+        return _fail(where, "this is an unpaired preference row (a conversation with a true/false label): it holds no "
+                     "chosen/rejected pair", "Use such data for SFT (rows labelled true are kept) or pair a good and a bad "
+                     "answer to the same prompt into prompt/chosen/rejected rows")
     accepted = ", ".join(f"{name} ({_NEEDS[name]})" for name in _FORMATS[kind])
     return _fail(where, f"no {kind} format fits a row with keys {sorted(row)}",
                  f"Accepted: {accepted}. Rename your columns or pass columns={{'<format key>': '<your column>'}}")

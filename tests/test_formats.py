@@ -278,3 +278,13 @@ def test_real_sharegpt_preference_file_converts_for_every_kind():
     sft, counts = convert_rows(raw, kind="sft", source=source)
     assert counts == {"rows": 300, "format:preference": 300}
     assert sft[0] == {"messages": pairs[0]["prompt"] + pairs[0]["chosen"]}
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "kto_en_demo.json").is_file(), reason="shared kto_en_demo.json is absent")
+def test_unpaired_preference_file_keeps_only_desirable_rows_for_sft_and_is_refused_as_pairs():
+    rows = json.loads((SHARED_DATA / "kto_en_demo.json").read_text())
+    out, counts = convert_rows(rows, kind="sft", source="kto_en_demo.json")
+    n_true = sum(r["label"] for r in rows)
+    assert len(out) == n_true and counts["dropped:unpaired_undesirable"] == len(rows) - n_true
+    with pytest.raises(FormatError, match="unpaired preference row"):
+        convert_rows(rows, kind="preference", source="kto_en_demo.json")
