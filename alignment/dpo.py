@@ -21,12 +21,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
 from datasets import Dataset
 from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer
 
-from alignment.data import StageData, preference_file_data, stage_data, stage_source
+from alignment.data import preference_file_data, stage_data, stage_source
 from alignment.evaluate import evaluate_policy, kl_to_reference
 from alignment.inference import response_logps
 from alignment.pairs import suite_preference_data
@@ -59,7 +58,10 @@ def train_dpo(cfg, ctx: StageContext) -> StageResult:
         file_data = preference_file_data(data_cfg, path=path, seed=ctx.cfg.seed, tokenizer=tokenizer, max_seq_tokens=cfg.max_seq_tokens)
     model, tokenizer = load_policy(ctx, tokenizer)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
-    data = file_data or _sampled_pairs(cfg, ctx, model, tokenizer)
+    reward_model = None
+    data = file_data
+    if data is None:
+        data, reward_model = _sampled_pairs(cfg, ctx, model, tokenizer)
 
     losses = {"loss_type": [cfg.loss_type]}
     if cfg.sft_loss_weight > 0:
@@ -77,18 +79,18 @@ def train_dpo(cfg, ctx: StageContext) -> StageResult:
         )
         metrics.update(_preference_metrics(trainer.model, reference, tokenizer, data.eval_pairs, beta=cfg.beta, batch_size=ctx.cfg.eval.batch_size))
         metrics["kl_to_parent"] = kl_to_reference(trainer.model, reference, tokenizer, held, cfg=ctx.cfg.eval, seed=ctx.cfg.seed + 2)
-        if ctx.inputs.get("reward_model"):  # the proxy's view beside gold accuracy
-            reward_model, _ = load_reward_model(ctx.inputs["reward_model"]["checkpoint"], ctx=ctx)
+        if reward_model is not None:  # the proxy's view beside gold accuracy
             metrics["reward_model_score"] = policy_reward_score(trainer.model, tokenizer, reward_model, held, cfg=ctx.cfg.eval, seed=ctx.cfg.seed + 3)
             train_counts = data.counts.get("train", {})
             metrics["pair_label_agreement"] = train_counts.get("agrees_with_verifier", 0) / max(1, train_counts.get("pairs", 0))
     return ctx_result(ctx, cfg, checkpoint=checkpoint, checkpoint_hash=checkpoint_hash, data=data, metrics=metrics)
 
 
-def _sampled_pairs(cfg, ctx: StageContext, model, tokenizer) -> StageData:
+def _sampled_pairs(cfg, ctx: StageContext, model, tokenizer):
+    """Pairs sampled from the policy, and the reward model that labelled them (None: the verifier)."""
     use_reward = cfg.pair_labeler == "reward" or (cfg.pair_labeler == "auto" and (cfg.reward_from or "reward" in ctx.previous))
     if not use_reward:
-        return suite_preference_data(model, tokenizer, pairs=cfg.pairs, cfg=ctx.cfg)
+        return suite_preference_data(model, tokenizer, pairs=cfg.pairs, cfg=ctx.cfg), None
     reward_start = find_reward_model(cfg.reward_from, ctx, key="dpo.reward_from")
     ctx.inputs["reward_model"] = {"stage": reward_start.parent_stage, "checkpoint": reward_start.path, "hash": reward_start.hash}
     reward_model, reward_tokenizer = load_reward_model(reward_start.path, ctx=ctx)
@@ -96,7 +98,7 @@ def _sampled_pairs(cfg, ctx: StageContext, model, tokenizer) -> StageData:
     def scorer(prompts, responses):
         return score_responses(reward_model, reward_tokenizer, prompts, responses, batch_size=ctx.cfg.eval.batch_size).tolist()
 
-    return suite_preference_data(model, tokenizer, pairs=cfg.pairs, cfg=ctx.cfg, scorer=scorer)
+    return suite_preference_data(model, tokenizer, pairs=cfg.pairs, cfg=ctx.cfg, scorer=scorer), reward_model
 
 
 def _preference_metrics(policy, reference, tokenizer, pairs: Dataset | None, *, beta: float, batch_size: int) -> dict[str, Any]:

@@ -14,7 +14,7 @@ On a dataset without a verifier only the response statistics are reported.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -99,10 +99,3 @@ def example_split(seen: Sequence[Example], unseen: Sequence[Example]) -> list[Ex
     for i in range(max(len(seen), len(unseen))):
         out.extend(x[i] for x in (seen, unseen) if i < len(x))
     return out
-
-
-def summary_row(metrics: Optional[dict[str, Any]]) -> dict[str, Any]:
-    """The headline numbers the end-of-run table shows for a stage."""
-    keys = ("gold_accuracy_greedy", "gold_accuracy_sampled", "unseen/gold_accuracy_sampled", "response_tokens_mean", "eos_rate",
-            "reward_accuracy", "reward_margin", "kl_to_parent")
-    return {k: metrics[k] for k in keys if metrics and k in metrics}

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 from alignment import ppo_math as pm
 from alignment.data import HeldOut, StageData, fingerprint_rows, load_suite, prompt_file_rows, stage_data, stage_source, suite_held_out
@@ -63,7 +63,7 @@ def train_ppo(cfg, ctx: StageContext) -> StageResult:
     if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise StageError(f"ppo: the reward model {reward_start.path} uses another tokenizer than the policy; train it from the same base")
     value_model = _value_model(cfg, ctx, reward_start.path)
-    prompts, examples, data = _prompts(cfg, ctx)
+    prompts, examples, data = _prompts(cfg, ctx, tokenizer)
 
     history = _ppo_loop(cfg, ctx, policy=policy, reference=reference, reward_model=reward_model, value_model=value_model,
                         tokenizer=tokenizer, prompts=prompts, examples=examples)
@@ -188,9 +188,8 @@ def _value_model(cfg, ctx: StageContext, reward_path: str):
     return model
 
 
-def _prompts(cfg, ctx: StageContext) -> tuple[list[list[int]], list, StageData]:
+def _prompts(cfg, ctx: StageContext, tokenizer) -> tuple[list[list[int]], list, StageData]:
     """Tokenised training prompts (and their suite examples, for the verifier) plus held-out data."""
-    tokenizer = AutoTokenizer.from_pretrained(ctx.start.path)
     data_cfg = stage_data(ctx.cfg.data, cfg)
     path = stage_source(data_cfg, cfg.data_path)
     if path is None:

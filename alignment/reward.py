@@ -42,7 +42,7 @@ def train_reward(cfg, ctx: StageContext) -> StageResult:
     seed_everything(ctx)
     if ctx.start.path is None:
         raise StageError("reward needs a policy checkpoint to start from: run it after sft, or set reward.init_from")
-    data = _pairs(cfg, ctx)
+    data, policy = _pairs(cfg, ctx)
     model, tokenizer = load_reward_model(ctx.start.path, ctx=ctx)
     train = data.train.add_column("margin", [cfg.margin] * len(data.train)) if cfg.margin else data.train
 
@@ -54,10 +54,9 @@ def train_reward(cfg, ctx: StageContext) -> StageResult:
     metrics = train_metrics(output, trainer.state.log_history)
     if ctx.cfg.eval.enabled and data.eval_pairs is not None:
         metrics.update(pair_metrics(trainer.model, tokenizer, data.eval_pairs, batch_size=ctx.cfg.eval.batch_size))
-    if ctx.cfg.eval.enabled and data.held_out.examples:
+    if ctx.cfg.eval.enabled and policy is not None:
         # The reward model's view of the policy it started from, for the end-of-run comparison.
-        policy, policy_tokenizer = load_policy(ctx)
-        metrics["parent_policy_score"] = policy_reward_score(policy, policy_tokenizer, trainer.model, data.held_out,
+        metrics["parent_policy_score"] = policy_reward_score(policy, tokenizer, trainer.model, data.held_out,
                                                              cfg=ctx.cfg.eval, seed=ctx.cfg.seed + 3)
     return ctx_result(ctx, cfg, checkpoint=checkpoint, checkpoint_hash=checkpoint_hash, data=data, metrics=metrics)
 
@@ -133,10 +132,12 @@ def roc_auc(*, positives: torch.Tensor, negatives: torch.Tensor) -> float:
     return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
 
 
-def _pairs(cfg, ctx: StageContext) -> StageData:
+def _pairs(cfg, ctx: StageContext) -> tuple[StageData, PreTrainedModel | None]:
+    """The pairs, and on the suite the policy that sampled them (kept to score it afterwards)."""
     data_cfg = stage_data(ctx.cfg.data, cfg)
     path = stage_source(data_cfg, cfg.data_path)
     if path is not None:
-        return preference_file_data(data_cfg, path=path, seed=ctx.cfg.seed, tokenizer=load_tokenizer(ctx), max_seq_tokens=cfg.max_seq_tokens)
+        tokenizer = load_tokenizer(ctx)
+        return preference_file_data(data_cfg, path=path, seed=ctx.cfg.seed, tokenizer=tokenizer, max_seq_tokens=cfg.max_seq_tokens), None
     policy, tokenizer = load_policy(ctx)
-    return suite_preference_data(policy, tokenizer, pairs=cfg.pairs, cfg=ctx.cfg)
+    return suite_preference_data(policy, tokenizer, pairs=cfg.pairs, cfg=ctx.cfg), policy

@@ -7,7 +7,6 @@ A stage module (``sft.py``, ``dpo.py``) only wires these pieces to its TRL train
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -50,7 +49,6 @@ class StageContext:
     previous: dict[str, "StageResult"] = field(default_factory=dict)  # earlier stages of this run
     # Other checkpoints the stage used (e.g. a reward model), filled in for its record.
     inputs: dict[str, Any] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
 
 
 def resolve_start(ref: str, *, run_dir: Path) -> StartPoint:

@@ -11,7 +11,6 @@ Exits 1 when the data would stop the run, 2 when the config is invalid, 0 otherw
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from alignment.config import ConfigError
 from alignment.data import DataError, preference_file_data, prompt_file_rows, sft_data, stage_data, stage_source
