@@ -160,7 +160,8 @@ class RewardConfig(TrainConfig):
     num_epochs: float = 3.0
     margin: float = 0.0  # a fixed margin the chosen reward must beat the rejected one by
     center_rewards_coefficient: Optional[float] = None  # e.g. 0.01: pulls mean reward to 0
-    # More prompts than DPO: held-out pair accuracy went 0.74 -> 0.78 -> 0.87 with 4k, 8k, 12k.
+    # More prompts than DPO: single runs on one SFT checkpoint gave held-out pair accuracy 0.74-0.78
+    # with 4k prompts, 0.78 with 8k (lr 3e-4, 2 epochs) and 0.87 with 12k (lr 3e-4, 3 epochs).
     pairs: PairsConfig = field(default_factory=lambda: PairsConfig(n_prompts=12000))
 
 
