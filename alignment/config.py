@@ -24,6 +24,17 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (Hu et al. 2021) through peft: W + (alpha / r) * B A on the target modules."""
+
+    r: int = 16  # rank of the update
+    alpha: int = 32  # scale numerator: the update is multiplied by alpha / r
+    dropout: float = 0.05
+    # Module names to adapt, or ["all-linear"] (peft's shorthand: every linear layer but the head).
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
 class ModelConfig:
     """Which model the chain starts from.
 
@@ -47,6 +58,10 @@ class ModelConfig:
     intermediate_size: int = 384
     max_position_embeddings: int = 256
     init_seed: int = 0
+    # Parameter-efficient training for every stage: None (full fine-tuning), "lora", or "qlora"
+    # (LoRA on a 4-bit base through bitsandbytes; needs a CUDA GPU). See alignment/lora.py.
+    peft: Optional[str] = None
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig())
 
 
 @dataclass
@@ -110,6 +125,9 @@ class TrainConfig:
     learning_rate: float = 1e-4
     per_device_batch_size: int = 32
     gradient_accumulation_steps: int = 1
+    # Optional: the sequences per optimiser step you intend. When set it must equal
+    # per_device_batch_size x gradient_accumulation_steps x processes, checked before launch.
+    global_batch_size: Optional[int] = None
     num_epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides num_epochs
     warmup_ratio: float = 0.05
@@ -125,6 +143,13 @@ class TrainConfig:
     init_from: Optional[str] = None
     data_path: Optional[str] = None  # overrides data.path for this stage
     data_sources: List[SourceConfig] = field(default_factory=list)  # a mixture for this stage only
+    # Mid-stage checkpoints (optimizer, scheduler, RNG and data position included), kept under
+    # <stage>/trainer/; an interrupted stage resumes from the newest complete one. 0: never.
+    save_every_n_steps: int = 200
+    keep_checkpoints: int = 2  # older mid-stage checkpoints are deleted
+    # Resume from this mid-stage checkpoint instead of the newest complete one (a path); a
+    # checkpoint that is partial or from other inputs is then an error, not skipped.
+    resume_from: Optional[str] = None
 
 
 @dataclass
@@ -231,6 +256,53 @@ class EvalConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO for every stage (conf/deepspeed/: none, zero1, zero2, zero3, zero3_offload).
+
+    Stage 1 shards optimizer states, 2 also gradients, 3 also the parameters; offload moves
+    optimizer states (and with ``offload_params`` the parameters) to CPU memory. The DeepSpeed
+    JSON is built from this and the stage's TrainConfig (alignment/distributed.py), so batch
+    sizes, learning rate and clipping are said once, here.
+    """
+
+    zero_stage: int = 0  # 0: no DeepSpeed (plain data parallel when there are several processes)
+    offload_optimizer: bool = False
+    offload_params: bool = False  # stage 3 only
+
+
+@dataclass
+class LauncherConfig:
+    """How the run is started (conf/launcher/: local, slurm).
+
+    ``local`` runs ``nproc_per_node`` processes on this machine (one when 1), or one node of a
+    multi-node run with ``nnodes``/``node_rank`` and the rendezvous ``master_addr:master_port``.
+    ``slurm`` writes an sbatch script from slurm/job.sbatch into the run directory and submits it.
+    """
+
+    name: str = "local"  # local | slurm
+    nproc_per_node: int = 1  # processes on this node (one per GPU)
+    nnodes: int = 1
+    node_rank: Optional[int] = None  # None: $SLURM_NODEID inside a Slurm job, else 0
+    master_addr: str = "127.0.0.1"  # rank 0's host, reachable from every node
+    master_port: int = 29500
+    # Slurm (launcher=slurm): one launcher per node, gpus_per_node processes each.
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: a CPU job with cpu_procs_per_node processes per node
+    cpu_procs_per_node: int = 1
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None  # e.g. 200G
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: str = "24:00:00"
+    constraint: Optional[str] = None
+    extra_sbatch: List[str] = field(default_factory=list)  # extra "#SBATCH" lines, e.g. ["--qos=high"]
+    signal_seconds: int = 300  # Slurm sends USR1 this long before the time limit
+    requeue: bool = True  # on the signal: checkpoint, then requeue the job
+    dry_run: bool = False  # only write and print the script
+    template: Optional[str] = None  # an sbatch template of your own; None: the shipped one
+
+
+@dataclass
 class AlignmentConfig:
     """The whole run. ``stages`` comes from the recipe (``+recipe=NAME``)."""
 
@@ -247,6 +319,8 @@ class AlignmentConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     recipe: Optional[str] = None  # filled in from +recipe=NAME; recorded in every result.json
 
 
@@ -258,6 +332,8 @@ GROUPS = {
     "dpo": DPOConfig,
     "ppo": PPOConfig,
     "eval": EvalConfig,
+    "deepspeed": DeepSpeedConfig,
+    "launcher": LauncherConfig,
 }
 
 

@@ -30,6 +30,8 @@ from alignment.evaluate import evaluate_policy, kl_to_reference
 from alignment.inference import response_logps
 from alignment.pairs import suite_preference_data
 from alignment.reward import load_reward_model, policy_reward_score, score_responses
+from alignment import checkpoints
+from alignment.distributed import full_weights
 from alignment.records import StageResult
 from alignment.sft import ctx_result
 from alignment.stage import (
@@ -68,22 +70,31 @@ def train_dpo(cfg, ctx: StageContext) -> StageResult:
         losses = {"loss_type": [cfg.loss_type, "sft"], "loss_weights": [1.0, cfg.sft_loss_weight]}
     args = TRLDPOConfig(**trainer_kwargs(cfg, ctx), beta=cfg.beta, **losses)
     trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=data.train, processing_class=tokenizer)
-    output = trainer.train()
+    output = checkpoints.train(trainer, ctx, cfg)
 
-    checkpoint, checkpoint_hash = save_checkpoint(trainer.model, tokenizer, ctx)
+    checkpoint, checkpoint_hash = save_checkpoint(trainer.model, tokenizer, ctx, trainer=trainer)
     metrics = train_metrics(output, trainer.state.log_history)
     if ctx.cfg.eval.enabled:
-        held = data.held_out
-        metrics.update(
-            evaluate_policy(trainer.model, tokenizer, cfg=ctx.cfg.eval, examples=held.examples, unseen=held.unseen, prompts=held.prompts, seed=ctx.cfg.seed)
-        )
-        metrics.update(_preference_metrics(trainer.model, reference, tokenizer, data.eval_pairs, beta=cfg.beta, batch_size=ctx.cfg.eval.batch_size))
-        metrics["kl_to_parent"] = kl_to_reference(trainer.model, reference, tokenizer, held, cfg=ctx.cfg.eval, seed=ctx.cfg.seed + 2)
-        if reward_model is not None:  # the proxy's view beside gold accuracy
-            metrics["reward_model_score"] = policy_reward_score(trainer.model, tokenizer, reward_model, held, cfg=ctx.cfg.eval, seed=ctx.cfg.seed + 3)
-            train_counts = data.counts.get("train", {})
-            metrics["pair_label_agreement"] = train_counts.get("agrees_with_verifier", 0) / max(1, train_counts.get("pairs", 0))
+        with full_weights(trainer.model), full_weights(reference):
+            metrics.update(_stage_metrics(cfg, ctx, trainer.model, reference, tokenizer, data, reward_model))
     return ctx_result(ctx, cfg, checkpoint=checkpoint, checkpoint_hash=checkpoint_hash, data=data, metrics=metrics)
+
+
+def _stage_metrics(cfg, ctx: StageContext, policy, reference, tokenizer, data, reward_model) -> dict[str, Any]:
+    """Gold accuracy, implicit-reward accuracy on held-out pairs, KL to the parent, and the
+    reward model's score when one labelled the pairs."""
+    metrics: dict[str, Any] = {}
+    held = data.held_out
+    metrics.update(
+        evaluate_policy(policy, tokenizer, cfg=ctx.cfg.eval, examples=held.examples, unseen=held.unseen, prompts=held.prompts, seed=ctx.cfg.seed)
+    )
+    metrics.update(_preference_metrics(policy, reference, tokenizer, data.eval_pairs, beta=cfg.beta, batch_size=ctx.cfg.eval.batch_size))
+    metrics["kl_to_parent"] = kl_to_reference(policy, reference, tokenizer, held, cfg=ctx.cfg.eval, seed=ctx.cfg.seed + 2)
+    if reward_model is not None:  # the proxy's view beside gold accuracy
+        metrics["reward_model_score"] = policy_reward_score(policy, tokenizer, reward_model, held, cfg=ctx.cfg.eval, seed=ctx.cfg.seed + 3)
+        train_counts = data.counts.get("train", {})
+        metrics["pair_label_agreement"] = train_counts.get("agrees_with_verifier", 0) / max(1, train_counts.get("pairs", 0))
+    return metrics
 
 
 def _sampled_pairs(cfg, ctx: StageContext, model, tokenizer):

@@ -18,11 +18,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from alignment import distributed
 from alignment.config import AlignmentConfig
+from alignment.preempt import Preempted
 from alignment.data import MIXTURE, load_suite, stage_data, stage_source
 from alignment.dpo import train_dpo
 from alignment.ppo import train_ppo
@@ -63,25 +66,30 @@ def run_pipeline(cfg: AlignmentConfig) -> list[StageResult]:
         policy_parent = next((r for r in reversed(results) if r.stage in POLICY_STAGES), None)
         start = _start_point(cfg, stage_cfg, policy_parent, run_dir=run_dir)
         key = _inputs_key(cfg, stage, start, upstream=results)
-        existing = read_result(stage_dir)
-        if existing is not None and _still_valid(existing, key):
+        # Rank 0 decides and every rank follows, so no rank trains a stage the others skip.
+        existing = read_result(stage_dir) if distributed.is_main() else None
+        existing = distributed.broadcast(existing if existing is not None and _still_valid(existing, key) else None)
+        if existing is not None:
             log.info("[%s] skipped: complete in %s (inputs unchanged)", stage, stage_dir)
             results.append(existing)
             skipped.append(True)
             previous[stage] = existing
             _write_pipeline(run_dir, cfg, results, skipped)
             continue
-        (stage_dir / RESULT_FILE).unlink(missing_ok=True)  # never describe weights about to change
+        if distributed.is_main():
+            (stage_dir / RESULT_FILE).unlink(missing_ok=True)  # never describe weights about to change
+        distributed.barrier()
         log.info("[%s] running from %s -> %s", stage, start.label, stage_dir)
-        ctx = StageContext(cfg, run_dir, stage_dir, stage, start, index == 0, previous=dict(previous))
+        ctx = StageContext(cfg, run_dir, stage_dir, stage, start, index == 0, previous=dict(previous), inputs_key=key)
         result = _run_stage(stage, stage_cfg, ctx, key)
         results.append(result)
         skipped.append(False)
         previous[stage] = result
         _write_pipeline(run_dir, cfg, results, skipped)
         log.info("[%s] done in %.1f s: %s", stage, result.wall_seconds, result.checkpoint)
-    print(format_table(results), flush=True)
-    print(f"results: {run_dir / 'pipeline.json'}", flush=True)
+    if distributed.is_main():
+        print(format_table(results), flush=True)
+        print(f"results: {run_dir / 'pipeline.json'}", flush=True)
     return results
 
 
@@ -148,25 +156,46 @@ def _run_stage(stage: str, stage_cfg, ctx: StageContext, key: str) -> StageResul
     try:
         result = RUNNERS[stage](stage_cfg, ctx)
     except BaseException as err:
-        failed = StageResult(
-            stage=stage, status="failed", checkpoint=None, checkpoint_hash=None, parent_stage=ctx.start.parent_stage,
-            parent_checkpoint=ctx.start.path, parent_checkpoint_hash=ctx.start.hash, data_fingerprint=None,
-            inputs_hash=key, config=dataclasses.asdict(stage_cfg), wall_seconds=time.monotonic() - started,
-            versions=package_versions(), git_commit=git_commit(), error=f"{type(err).__name__}: {err}",
-        )
-        atomic_write_json(ctx.stage_dir / RESULT_FILE, failed.to_dict())
+        if distributed.is_main():
+            # "preempted" and "failed" both rerun on the next command; a preempted stage resumes
+            # from its mid-stage checkpoint, so does a failed one that had written any.
+            failed = StageResult(
+                stage=stage, status="preempted" if isinstance(err, Preempted) else "failed", checkpoint=None,
+                checkpoint_hash=None, parent_stage=ctx.start.parent_stage, parent_checkpoint=ctx.start.path,
+                parent_checkpoint_hash=ctx.start.hash, data_fingerprint=None, inputs_hash=key,
+                config=dataclasses.asdict(stage_cfg), wall_seconds=time.monotonic() - started, versions=package_versions(),
+                git_commit=git_commit(), error=f"{type(err).__name__}: {err}", launch=launch_record(ctx.cfg),
+            )
+            atomic_write_json(ctx.stage_dir / RESULT_FILE, failed.to_dict())
         raise
     result.inputs_hash = key
     result.wall_seconds = time.monotonic() - started
     result.versions = package_versions()
     result.git_commit = git_commit()
+    result.launch = launch_record(ctx.cfg)
     checkpoint = Path(result.checkpoint)
     result.data["checkpoint_files"] = {p.relative_to(checkpoint).as_posix(): p.stat().st_size for p in sorted(checkpoint.rglob("*")) if p.is_file()}
-    atomic_write_json(ctx.stage_dir / RESULT_FILE, result.to_dict())
+    if distributed.is_main():
+        atomic_write_json(ctx.stage_dir / RESULT_FILE, result.to_dict())
+    distributed.barrier()
     return result
 
 
+def launch_record(cfg: AlignmentConfig) -> dict:
+    """How the stage ran: processes, ZeRO stage and, under Slurm, the job (its id survives requeues)."""
+    env = os.environ
+    record = {"world_size": distributed.world_size(), "nnodes": cfg.launcher.nnodes, "zero_stage": cfg.deepspeed.zero_stage,
+              "offload_optimizer": cfg.deepspeed.offload_optimizer, "offload_params": cfg.deepspeed.offload_params,
+              "peft": cfg.model.peft}
+    if "SLURM_JOB_ID" in env:
+        record["slurm"] = {"job_id": env["SLURM_JOB_ID"], "restart_count": int(env.get("SLURM_RESTART_COUNT", "0")),
+                           "nodelist": env.get("SLURM_JOB_NODELIST"), "partition": env.get("SLURM_JOB_PARTITION")}
+    return record
+
+
 def _write_pipeline(run_dir: Path, cfg: AlignmentConfig, results: list[StageResult], skipped: list[bool]) -> None:
+    if not distributed.is_main():
+        return
     atomic_write_json(
         run_dir / "pipeline.json",
         {
@@ -215,11 +244,76 @@ def validate(cfg: AlignmentConfig) -> None:
         raise StageError(f"dpo.pair_labeler={cfg.dpo.pair_labeler!r}: use auto, verifier or reward")
     if cfg.ppo.value_from not in ("reward", "policy"):
         raise StageError(f"ppo.value_from={cfg.ppo.value_from!r}: use reward or policy")
-    if cfg.ppo.rollout_batch_size % cfg.ppo.mini_batch_size:
-        raise StageError(
-            f"ppo.rollout_batch_size={cfg.ppo.rollout_batch_size} must be a multiple of ppo.mini_batch_size={cfg.ppo.mini_batch_size}"
-        )
+    _validate_scale_out(cfg)
     if cfg.data.over_length not in ("drop", "truncate", "error"):
         raise StageError(f"data.over_length={cfg.data.over_length!r}: use drop, truncate or error")
     if cfg.eval.samples_per_prompt < 1 or cfg.eval.temperature < 0 or cfg.eval.max_new_tokens < 1:
         raise StageError("eval.samples_per_prompt and eval.max_new_tokens must be >= 1 and eval.temperature >= 0")
+
+
+def planned_world_size(cfg: AlignmentConfig) -> int:
+    """Processes the run will have: this job's WORLD_SIZE once launched, else the launcher's plan."""
+    if "WORLD_SIZE" in os.environ:
+        return distributed.world_size()
+    launcher = cfg.launcher
+    if launcher.name == "slurm":
+        return launcher.nodes * (launcher.gpus_per_node or launcher.cpu_procs_per_node)
+    return launcher.nproc_per_node * launcher.nnodes
+
+
+def batch_plan(cfg: AlignmentConfig) -> list[str]:
+    """Each stage's batch algebra as a line a user can check: per device x accumulation x processes."""
+    world = planned_world_size(cfg)
+    lines = []
+    for stage in cfg.stages:
+        train = getattr(cfg, stage)
+        if stage == "ppo":
+            lines.append(f"ppo: {train.rollout_batch_size} prompts per rollout = {train.rollout_batch_size // world} per process x {world} "
+                         f"processes; {train.mini_batch_size} rollouts per optimiser step = {train.mini_batch_size // world} per process x {world}")
+        else:
+            global_batch = train.per_device_batch_size * train.gradient_accumulation_steps * world
+            lines.append(f"{stage}: {train.per_device_batch_size} per device x {train.gradient_accumulation_steps} accumulation x "
+                         f"{world} processes = {global_batch} sequences per step")
+    return lines
+
+
+def _validate_scale_out(cfg: AlignmentConfig) -> None:
+    """Batch-size algebra, ZeRO options, LoRA and the launcher, before anything is launched."""
+    launcher, ds = cfg.launcher, cfg.deepspeed
+    if launcher.name not in ("local", "slurm"):
+        raise StageError(f"launcher.name={launcher.name!r}: use launcher=local or launcher=slurm")
+    for key in ("nproc_per_node", "nnodes", "nodes", "cpu_procs_per_node"):
+        if getattr(launcher, key) < 1:
+            raise StageError(f"launcher.{key}={getattr(launcher, key)} must be >= 1")
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise StageError(f"deepspeed.zero_stage={ds.zero_stage}: use 0 (off), 1, 2 or 3 (deepspeed=none|zero1|zero2|zero3|zero3_offload)")
+    if ds.offload_params and ds.zero_stage != 3:
+        raise StageError(f"deepspeed.offload_params=true needs ZeRO stage 3 (deepspeed.zero_stage is {ds.zero_stage}); use deepspeed=zero3_offload")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        raise StageError("deepspeed.offload_optimizer=true needs ZeRO (deepspeed=zero1|zero2|zero3)")
+    world = planned_world_size(cfg)
+    for stage in cfg.stages:
+        train = getattr(cfg, stage)
+        global_batch = train.per_device_batch_size * train.gradient_accumulation_steps * world
+        if train.global_batch_size is not None and train.global_batch_size != global_batch:
+            per_step = train.per_device_batch_size * world
+            hint = (f"set {stage}.gradient_accumulation_steps={train.global_batch_size // per_step}" if train.global_batch_size % per_step == 0
+                    else f"pick a global batch that is a multiple of {per_step} (per device x processes)")
+            raise StageError(
+                f"{stage}: per_device_batch_size {train.per_device_batch_size} x gradient_accumulation_steps "
+                f"{train.gradient_accumulation_steps} x {world} processes = {global_batch}, but {stage}.global_batch_size="
+                f"{train.global_batch_size}; {hint}"
+            )
+        if train.save_every_n_steps < 0 or train.keep_checkpoints < 1:
+            raise StageError(f"{stage}.save_every_n_steps must be >= 0 and {stage}.keep_checkpoints >= 1")
+    ppo = cfg.ppo
+    if ppo.rollout_batch_size % ppo.mini_batch_size:
+        raise StageError(f"ppo.rollout_batch_size={ppo.rollout_batch_size} must be a multiple of ppo.mini_batch_size={ppo.mini_batch_size}")
+    if "ppo" in cfg.stages and (ppo.rollout_batch_size % world or ppo.mini_batch_size % world):
+        raise StageError(
+            f"ppo: rollout_batch_size {ppo.rollout_batch_size} and mini_batch_size {ppo.mini_batch_size} must both divide evenly "
+            f"over {world} processes (each process samples rollout_batch_size / {world} prompts and trains on "
+            f"mini_batch_size / {world} of them per step)"
+        )
+    if cfg.model.peft not in (None, "lora", "qlora"):
+        raise StageError(f"model.peft={cfg.model.peft!r}: use lora, qlora, or leave it unset for full fine-tuning")

@@ -54,6 +54,8 @@ class StageResult:
     versions: dict[str, str] = field(default_factory=dict)
     git_commit: Optional[str] = None
     error: Optional[str] = None
+    # Processes, ZeRO stage, LoRA and the Slurm job (id, restart count) the stage ran under.
+    launch: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -32,6 +32,8 @@ from alignment.evaluate import user_turn
 from alignment.inference import Messages, generate, render_prompts, response_ids
 from alignment.ppo_rollout import pack, sequence_scores
 from alignment.pairs import suite_preference_data
+from alignment import checkpoints
+from alignment.distributed import full_weights
 from alignment.records import StageResult
 from alignment.sft import ctx_result
 from alignment.stage import StageContext, StageError, load_policy, load_tokenizer, save_checkpoint, seed_everything, train_metrics, trainer_kwargs
@@ -48,16 +50,17 @@ def train_reward(cfg, ctx: StageContext) -> StageResult:
 
     args = TRLRewardConfig(**trainer_kwargs(cfg, ctx), center_rewards_coefficient=cfg.center_rewards_coefficient)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
-    output = trainer.train()
+    output = checkpoints.train(trainer, ctx, cfg)
 
-    checkpoint, checkpoint_hash = save_checkpoint(trainer.model, tokenizer, ctx)
+    checkpoint, checkpoint_hash = save_checkpoint(trainer.model, tokenizer, ctx, trainer=trainer)
     metrics = train_metrics(output, trainer.state.log_history)
-    if ctx.cfg.eval.enabled and data.eval_pairs is not None:
-        metrics.update(pair_metrics(trainer.model, tokenizer, data.eval_pairs, batch_size=ctx.cfg.eval.batch_size))
-    if ctx.cfg.eval.enabled and policy is not None:
-        # The reward model's view of the policy it started from, for the end-of-run comparison.
-        metrics["parent_policy_score"] = policy_reward_score(policy, tokenizer, trainer.model, data.held_out,
-                                                             cfg=ctx.cfg.eval, seed=ctx.cfg.seed + 3)
+    with full_weights(trainer.model):
+        if ctx.cfg.eval.enabled and data.eval_pairs is not None:
+            metrics.update(pair_metrics(trainer.model, tokenizer, data.eval_pairs, batch_size=ctx.cfg.eval.batch_size))
+        if ctx.cfg.eval.enabled and policy is not None:
+            # The reward model's view of the policy it started from, for the end-of-run comparison.
+            metrics["parent_policy_score"] = policy_reward_score(policy, tokenizer, trainer.model, data.held_out,
+                                                                 cfg=ctx.cfg.eval, seed=ctx.cfg.seed + 3)
     return ctx_result(ctx, cfg, checkpoint=checkpoint, checkpoint_hash=checkpoint_hash, data=data, metrics=metrics)
 
 

@@ -4,6 +4,8 @@
     python -m alignment.run +recipe=sft_then_dpo dpo.beta=0.2 run_name=beta02
     python -m alignment.run +recipe=sft_then_dpo --cfg job        # print the composed config
     python -m alignment.run +recipe=sft_then_dpo --multirun dpo.beta=0.05,0.1
+    python -m alignment.run +recipe=sft_then_dpo launcher.nproc_per_node=2 deepspeed=zero2
+    python -m alignment.run +recipe=sft_then_dpo launcher=slurm launcher.nodes=2 launcher.gpus_per_node=8
 
 Recipes are the YAML files in ``recipes/``; config groups and their options live in ``conf/``
 and their typed schemas in ``alignment/config.py``. An unknown key, a wrong type or an unknown
@@ -26,7 +28,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from alignment import distributed, preempt
 from alignment.config import AlignmentConfig, ConfigError, register_schemas
+from alignment.launch import launch, needs_launch
 
 log = logging.getLogger("alignment")
 RECIPE_PACKAGE = "alignment.recipes"
@@ -118,12 +122,16 @@ def set_threads(requested: int) -> int:
     run a hundred times slower than one, so the default splits the cores between local ranks."""
     import torch
 
-    if requested <= 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        requested = max(1, cores // local_ranks)
+    requested = threads_per_process(requested, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(requested)
     return requested
+
+
+def threads_per_process(requested: int, local_processes: int) -> int:
+    if requested > 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_processes))
 
 
 def register_all() -> list[str]:
@@ -155,17 +163,47 @@ def compose_config(overrides: list[str]) -> AlignmentConfig:
 def _hydra_main(raw: DictConfig) -> None:
     _STARTED["task"] = True
     from alignment.data import DataError
-    from alignment.pipeline import run_pipeline, validate
+    from alignment.pipeline import batch_plan, validate
     from alignment.stage import StageError
+
+    from alignment.checkpoints import CheckpointError
 
     try:
         cfg = typed_config(raw)
         validate(cfg)
-        threads = set_threads(cfg.num_threads)
-        log.info("recipe %s, run %s, stages %s, %d torch threads", cfg.recipe, cfg.run_name, cfg.stages, threads)
-        run_pipeline(cfg)
-    except (ConfigError, StageError, DataError) as err:
+        if cfg.launcher.name == "slurm":
+            from alignment.slurm import submit
+
+            submit(cfg, argv=sys.argv[1:])
+            return
+        if needs_launch(cfg.launcher):
+            log.info("batch sizes: %s", "; ".join(batch_plan(cfg)))
+            code = launch(cfg.launcher, sys.argv[1:], threads_per_rank=threads_per_process(cfg.num_threads, cfg.launcher.nproc_per_node))
+            if code:
+                raise SystemExit(code)
+            return
+        _run_this_rank(cfg)
+    except (ConfigError, StageError, DataError, CheckpointError) as err:
         raise SystemExit(f"alignment: error: {err}") from None
+
+
+def _run_this_rank(cfg: AlignmentConfig) -> None:
+    """One rank (or the only process): join the group, catch stop signals, run the pipeline."""
+    from alignment.pipeline import run_pipeline
+
+    distributed.init()
+    if not distributed.is_main():
+        logging.getLogger().setLevel(logging.WARNING)  # one rank speaks
+        os.environ["TQDM_DISABLE"] = "1"
+    preempt.install()
+    threads = set_threads(cfg.num_threads)
+    log.info("recipe %s, run %s, stages %s, %d process(es), %d torch threads each", cfg.recipe, cfg.run_name, cfg.stages,
+             distributed.world_size(), threads)
+    try:
+        run_pipeline(cfg)
+    except preempt.Preempted as stop:
+        log.warning("%s", stop)
+        raise SystemExit(preempt.PREEMPTED_EXIT) from None
 
 
 def main() -> None:

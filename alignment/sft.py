@@ -26,6 +26,8 @@ from alignment.stage import (
     train_metrics,
     trainer_kwargs,
 )
+from alignment import checkpoints
+from alignment.distributed import full_weights
 from alignment.records import StageResult
 
 
@@ -50,13 +52,14 @@ def train_sft(cfg, ctx: StageContext) -> StageResult:
         eos_token=tokenizer.eos_token,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
-    output = trainer.train()
+    output = checkpoints.train(trainer, ctx, cfg)
 
-    checkpoint, checkpoint_hash = save_checkpoint(trainer.model, tokenizer, ctx)
+    checkpoint, checkpoint_hash = save_checkpoint(trainer.model, tokenizer, ctx, trainer=trainer)
     metrics = train_metrics(output, trainer.state.log_history)
     metrics["train_tokens"] = int(trainer._metrics["train"].get("num_tokens", [0])[-1]) if hasattr(trainer, "_metrics") else None
     if ctx.cfg.eval.enabled:
-        metrics.update(_evaluate(trainer.model, tokenizer, data, ctx))
+        with full_weights(trainer.model):
+            metrics.update(_evaluate(trainer.model, tokenizer, data, ctx))
     return ctx_result(ctx, cfg, checkpoint=checkpoint, checkpoint_hash=checkpoint_hash, data=data, metrics=metrics, start_metrics=start_metrics)
 
 

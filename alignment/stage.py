@@ -7,6 +7,7 @@ A stage module (``sft.py``, ``dpo.py``) only wires these pieces to its TRL train
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -14,7 +15,9 @@ from typing import Any, Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from alignment import embedded
+from alignment import distributed, embedded
+from alignment.checkpoints import trainer_save_kwargs
+from alignment.distributed import deepspeed_config
 from alignment.config import AlignmentConfig, ConfigError, TrainConfig
 from alignment.records import CHECKPOINT_DIR, StageResult, commit_checkpoint, hash_directory, new_checkpoint_dir, read_result
 
@@ -49,6 +52,7 @@ class StageContext:
     previous: dict[str, "StageResult"] = field(default_factory=dict)  # earlier stages of this run
     # Other checkpoints the stage used (e.g. a reward model), filled in for its record.
     inputs: dict[str, Any] = field(default_factory=dict)
+    inputs_key: str = ""  # the stage's inputs hash: mid-stage checkpoints carry it
 
 
 def resolve_start(ref: str, *, run_dir: Path) -> StartPoint:
@@ -137,7 +141,8 @@ def trainer_kwargs(train: TrainConfig, ctx: StageContext) -> dict[str, Any]:
         "max_grad_norm": train.max_grad_norm,
         "max_length": train.max_seq_tokens,
         "logging_steps": train.logging_every_n_steps,
-        "save_strategy": "no",
+        **trainer_save_kwargs(train),
+        "deepspeed": deepspeed_config(ctx.cfg.deepspeed, train),
         "report_to": "none",
         "seed": ctx.cfg.seed,
         "data_seed": ctx.cfg.seed,
@@ -152,14 +157,34 @@ def seed_everything(ctx: StageContext) -> None:
     set_seed(ctx.cfg.seed)
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ctx: StageContext) -> tuple[str, str]:
-    """Write the HF-format checkpoint atomically; return its path and content hash."""
-    tmp = new_checkpoint_dir(ctx.stage_dir)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    content_hash = hash_directory(tmp)
-    final = commit_checkpoint(tmp, ctx.stage_dir)
-    return str(final.resolve()), content_hash
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ctx: StageContext, *, trainer=None) -> tuple[str, str]:
+    """Write the full HF-format checkpoint atomically; return its path and content hash.
+
+    Called on every rank: under ZeRO-3 the weights are gathered (a collective) and rank 0 writes
+    them, so the stage boundary is an ordinary model whatever the sharding. A failed write (a
+    full disk) removes the partial directory and leaves the previous checkpoint as it was.
+    """
+    state_dict = None
+    if trainer is not None and distributed.is_zero3(trainer.model):
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    answer: tuple[Optional[str], Optional[str], Optional[str]] = (None, None, None)
+    if distributed.is_main():
+        tmp = new_checkpoint_dir(ctx.stage_dir)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+            content_hash = hash_directory(tmp)
+            final = commit_checkpoint(tmp, ctx.stage_dir)
+            answer = (str(final.resolve()), content_hash, None)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            answer = (None, None, f"{ctx.stage}: could not write the checkpoint in {ctx.stage_dir} ({err}); the partial "
+                                  f"write was removed and the previous checkpoint, if any, is unchanged. Free disk space "
+                                  f"or point output_dir elsewhere, then rerun")
+    path, content_hash, error = distributed.broadcast(answer)
+    if error:
+        raise StageError(error)
+    return path, content_hash
 
 
 def train_metrics(train_output: Any, log_history: list[dict[str, Any]]) -> dict[str, Any]:

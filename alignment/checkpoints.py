@@ -1,0 +1,188 @@
+"""Mid-stage checkpoints: written every ``save_every_n_steps``, resumed after any interruption.
+
+A stage trains through :func:`train` (TRL trainers) or its own loop (PPO, with the same marker
+rules). Checkpoints live in ``<stage>/trainer/checkpoint-<step>/`` and hold everything an exact
+resume needs: weights, optimizer, scheduler, every rank's RNG state and the step (hence the
+data position). A checkpoint counts only once :data:`MARKER` is in it, written last, after every
+rank has finished writing; it records the stage's inputs hash, so a checkpoint from other
+inputs (another config, another parent) is never resumed.
+
+On start, a stage resumes from the newest complete checkpoint with its inputs hash; partial
+ones (a kill during the save, a full disk) and ones from other inputs are removed, with a log
+line. ``<stage>.resume_from=<dir>`` asks for one checkpoint explicitly: a bad one is then an
+error, not skipped.
+
+Two guards run every step: a loss that is NaN or infinite stops the stage at that step (the
+last good checkpoint stays), and a stop request (alignment/preempt.py) ends training at a step
+every rank agrees on, after a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from transformers import TrainerCallback
+
+from alignment import distributed, preempt
+from alignment.records import atomic_write_json
+
+log = logging.getLogger(__name__)
+MARKER = "alignment_complete.json"
+TRAINER_DIR = "trainer"
+_STEP = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A requested checkpoint cannot be resumed; the message says why and what to do."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the message names the stage and step."""
+
+
+def trainer_dir(stage_dir: Path) -> Path:
+    return stage_dir / TRAINER_DIR
+
+
+def mark_complete(checkpoint: Path, *, inputs_hash: str, step: int) -> None:
+    atomic_write_json(checkpoint / MARKER, {"step": step, "inputs_hash": inputs_hash, "written_at": time.time()})
+
+
+def marker(checkpoint: Path) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads((checkpoint / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def step_of(checkpoint: Path) -> int:
+    match = _STEP.match(checkpoint.name)
+    return int(match.group(1)) if match else -1
+
+
+def find_resume(stage_dir: Path, *, inputs_hash: str, requested: Optional[str], key: str) -> Optional[Path]:
+    """The checkpoint to resume from (None: start fresh); on rank 0 also clears unusable ones.
+
+    Every rank gets rank 0's answer, so all resume from the same step.
+    """
+    answer: Optional[str] = None
+    error: Optional[str] = None
+    if distributed.is_main():
+        try:
+            found = _choose(stage_dir, inputs_hash=inputs_hash, requested=requested, key=key)
+            answer = str(found) if found else None
+        except CheckpointError as err:
+            error = str(err)
+    answer, error = distributed.broadcast((answer, error))
+    if error:
+        raise CheckpointError(error)
+    return Path(answer) if answer else None
+
+
+def _choose(stage_dir: Path, *, inputs_hash: str, requested: Optional[str], key: str) -> Optional[Path]:
+    if requested:
+        path = Path(requested).expanduser()
+        record = marker(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{key}={requested}: no such checkpoint directory")
+        if record is None:
+            raise CheckpointError(f"{key}={requested}: the checkpoint is incomplete (no {MARKER}; the save was interrupted); "
+                                  f"pick another from {path.parent} or unset {key} to take the newest complete one")
+        if record.get("inputs_hash") != inputs_hash:
+            raise CheckpointError(f"{key}={requested}: the checkpoint was written with other inputs (config, parent or data); "
+                                  f"resuming it would mix two runs. Unset {key} to start this stage afresh")
+        return path
+    root = trainer_dir(stage_dir)
+    candidates = sorted((p for p in root.glob("checkpoint-*") if p.is_dir() and step_of(p) >= 0), key=step_of)
+    chosen = None
+    for path in reversed(candidates):
+        record = marker(path)
+        if record is not None and record.get("inputs_hash") == inputs_hash:
+            chosen = path
+            break
+    for path in candidates:
+        if path == chosen:
+            continue
+        record = marker(path)
+        if record is None or record.get("inputs_hash") != inputs_hash:
+            why = "partial (no completion marker)" if record is None else "from other inputs"
+            log.warning("removing checkpoint %s: %s", path, why)
+            shutil.rmtree(path, ignore_errors=True)
+    if chosen is not None:
+        log.info("resuming from %s (step %d)", chosen, step_of(chosen))
+    return chosen
+
+
+class StageGuard(TrainerCallback):
+    """Marks complete checkpoints, and stops on a stop request at a step all ranks agree on."""
+
+    def __init__(self, *, inputs_hash: str):
+        self.inputs_hash = inputs_hash
+        self.preempted_at: Optional[int] = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if preempt.stop_requested():
+            self.preempted_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        distributed.barrier()  # every rank has written its part (ZeRO shards, RNG state)
+        if distributed.is_main():
+            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", inputs_hash=self.inputs_hash, step=state.global_step)
+        distributed.barrier()
+        return control
+
+
+def guard_finite_loss(trainer, *, stage: str) -> None:
+    """Make ``trainer`` raise NonFiniteLoss on the step whose loss is NaN or infinite."""
+    original = trainer.training_step
+
+    def training_step(model, inputs, num_items_in_batch=None):
+        loss = original(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss.detach()).all():
+            step = trainer.state.global_step + 1
+            raise NonFiniteLoss(
+                f"{stage}: the loss became {loss.detach().float().mean().item()} at step {step}; stopped before the "
+                f"optimizer step. The last complete checkpoint in {trainer.args.output_dir} is intact. Lower "
+                f"{stage}.learning_rate or {stage}.max_grad_norm, or check the data"
+            )
+        return loss
+
+    trainer.training_step = training_step
+
+
+def train(trainer, ctx, stage_cfg) -> Any:
+    """``trainer.train()`` with resume, completion markers, the NaN guard and stop requests.
+
+    Raises :class:`alignment.preempt.Preempted` after the checkpoint when asked to stop.
+    """
+    guard = StageGuard(inputs_hash=ctx.inputs_key)
+    trainer.add_callback(guard)
+    guard_finite_loss(trainer, stage=ctx.stage)
+    resume = find_resume(ctx.stage_dir, inputs_hash=ctx.inputs_key, requested=stage_cfg.resume_from, key=f"{ctx.stage}.resume_from")
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if guard.preempted_at is not None:
+        raise preempt.Preempted(f"{ctx.stage}: stopped at step {guard.preempted_at} on {preempt.signal_name()}; "
+                                f"checkpoint in {trainer_dir(ctx.stage_dir)}; rerun the same command to resume")
+    return output
+
+
+def trainer_save_kwargs(stage_cfg) -> dict[str, Any]:
+    """TrainingArguments for mid-stage checkpoints."""
+    every = stage_cfg.save_every_n_steps
+    return {
+        "save_strategy": "steps" if every > 0 else "no",
+        "save_steps": every if every > 0 else 500,
+        "save_total_limit": max(2, stage_cfg.keep_checkpoints),  # >= 2: a partial newest never leaves none
+        "save_only_model": False,
+        "ignore_data_skip": False,
+    }

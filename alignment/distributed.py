@@ -1,0 +1,119 @@
+"""Several processes, one pipeline: rank helpers, the DeepSpeed config, gathered ZeRO-3 weights.
+
+The launcher (alignment/launch.py, or srun under Slurm) starts one process per device with the
+usual torch.distributed environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+Every rank runs the whole pipeline: the same skip decisions (rank 0 decides and broadcasts),
+the same data and sampling (seeded alike), the same trainer steps on its shard of each batch.
+Only rank 0 writes records and checkpoints.
+
+The process group is gloo on CPU and nccl on GPUs; transformers' Trainer and DeepSpeed find it
+already initialised and use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from alignment.config import DeepSpeedConfig, TrainConfig
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init() -> None:
+    """Join the process group when launched with several processes (no-op for one)."""
+    if world_size() > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (a collective: call it on all)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        value = value.cuda()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig) -> Optional[dict[str, Any]]:
+    """The DeepSpeed JSON for one stage, or None without ZeRO.
+
+    Batch sizes, clipping and precision stay "auto": transformers fills them in from the same
+    TrainConfig, so there is no second place to keep in sync.
+    """
+    if ds.zero_stage == 0:
+        return None
+    zero: dict[str, Any] = {"stage": ds.zero_stage, "overlap_comm": False, "contiguous_gradients": True}
+    if ds.zero_stage == 3:
+        # Full weights on rank 0 at save time: stage boundaries write ordinary HF checkpoints.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    pin = torch.cuda.is_available()
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "zero_optimization": zero,
+        # torch's AdamW (the Trainer's) also works with offloaded states; DeepSpeed's own CPU
+        # Adam is faster on GPUs but needs a compiled extension.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
+
+
+def is_zero3(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextlib.contextmanager
+def full_weights(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Inside, every rank holds the whole of ``model`` (ZeRO-3 shards gathered, read-only):
+    generation and evaluation need every weight at every step. A no-op for unsharded models.
+    A collective: enter it on every rank."""
+    if not is_zero3(model):
+        yield model
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        yield model
