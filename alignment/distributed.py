@@ -106,14 +106,69 @@ def is_zero3(model: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def full_weights(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Inside, every rank holds the whole of ``model`` (ZeRO-3 shards gathered, read-only):
-    generation and evaluation need every weight at every step. A no-op for unsharded models.
-    A collective: enter it on every rank."""
+def whole_loading() -> Iterator[None]:
+    """``from_pretrained`` inside loads whole models even while a ZeRO-3 trainer exists.
+
+    transformers partitions every model loaded while a ZeRO-3 TrainingArguments is alive (a
+    global weak reference); our models are loaded before their trainer and sampled from, so
+    they must be whole. The trainer shards them when it starts.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    active = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if active is not None:
+            hf_deepspeed.set_hf_deepspeed_config(active)
+
+
+def unsharded(model: torch.nn.Module, path: str, *, loader) -> torch.nn.Module:
+    """A whole copy of ``model`` for evaluation after training: under ZeRO-3 the weights are
+    partitioned, so the committed checkpoint ``path`` is loaded back with ``loader`` (an Auto
+    class); otherwise ``model`` itself."""
     if not is_zero3(model):
+        return model
+    with whole_loading():
+        return loader.from_pretrained(path).eval()
+
+
+def all_gather_cat(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``values`` (same shape on each), concatenated in rank order."""
+    if not dist.is_initialized():
+        return values
+    parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, values.contiguous())
+    return torch.cat(parts)
+
+
+def mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
+    """Each float statistic averaged over ranks (same keys on every rank), so that logs, the KL
+    controller and the health check see the whole batch and take the same decisions."""
+    if not dist.is_initialized():
+        return stats
+    keys = sorted(k for k, v in stats.items() if isinstance(v, float))
+    values = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return {**stats, **{k: float(v) / dist.get_world_size() for k, v in zip(keys, values.tolist())}}
+
+
+@contextlib.contextmanager
+def generation_weights(engine, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Whole weights for sampling from a model being trained under ZeRO-3: gathered once for the
+    whole generation, with DeepSpeed's per-layer fetch hooks removed meanwhile (as TRL does),
+    which would otherwise gather and release every layer at every generated token."""
+    if engine is None or not is_zero3(model):
         yield model
         return
     import deepspeed
+    from trl.models.utils import add_hooks, remove_hooks
 
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-        yield model
+        remove_hooks(engine)
+        try:
+            yield model
+        finally:
+            add_hooks(engine)

@@ -22,6 +22,7 @@ import copy
 from typing import Any
 
 from datasets import Dataset
+from transformers import AutoModelForCausalLM
 from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer
 
@@ -31,7 +32,7 @@ from alignment.inference import response_logps
 from alignment.pairs import suite_preference_data
 from alignment.reward import load_reward_model, policy_reward_score, score_responses
 from alignment import checkpoints
-from alignment.distributed import full_weights
+from alignment.distributed import unsharded
 from alignment.records import StageResult
 from alignment.sft import ctx_result
 from alignment.stage import (
@@ -75,8 +76,9 @@ def train_dpo(cfg, ctx: StageContext) -> StageResult:
     checkpoint, checkpoint_hash = save_checkpoint(trainer.model, tokenizer, ctx, trainer=trainer)
     metrics = train_metrics(output, trainer.state.log_history)
     if ctx.cfg.eval.enabled:
-        with full_weights(trainer.model), full_weights(reference):
-            metrics.update(_stage_metrics(cfg, ctx, trainer.model, reference, tokenizer, data, reward_model))
+        policy = unsharded(trainer.model, checkpoint, loader=AutoModelForCausalLM)
+        reference = unsharded(reference, ctx.start.path, loader=AutoModelForCausalLM)
+        metrics.update(_stage_metrics(cfg, ctx, policy, reference, tokenizer, data, reward_model))
     return ctx_result(ctx, cfg, checkpoint=checkpoint, checkpoint_hash=checkpoint_hash, data=data, metrics=metrics)
 
 

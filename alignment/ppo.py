@@ -27,14 +27,17 @@ from __future__ import annotations
 
 import copy
 import logging
-from itertools import cycle
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from alignment import checkpoints, distributed, preempt
 from alignment import ppo_math as pm
+from alignment.checkpoints import NonFiniteLoss
+from alignment.distributed import unsharded
+from alignment.ppo_engine import PPOEngine, load_loop, save_loop
 from alignment.data import HeldOut, StageData, fingerprint_rows, load_suite, prompt_file_rows, stage_data, stage_source, suite_held_out
 from alignment.evaluate import evaluate_policy, kl_to_reference, user_turn
 from alignment.health import HealthCheck
@@ -65,10 +68,13 @@ def train_ppo(cfg, ctx: StageContext) -> StageResult:
     value_model = _value_model(cfg, ctx, reward_start.path)
     prompts, examples, data = _prompts(cfg, ctx, tokenizer)
 
-    history = _ppo_loop(cfg, ctx, policy=policy, reference=reference, reward_model=reward_model, value_model=value_model,
-                        tokenizer=tokenizer, prompts=prompts, examples=examples)
+    engine = PPOEngine(cfg, ctx, policy=policy, value_model=value_model)
+    history = _ppo_loop(cfg, ctx, engine=engine, reference=reference, reward_model=reward_model, tokenizer=tokenizer,
+                        prompts=prompts, examples=examples)
 
-    checkpoint, checkpoint_hash = save_checkpoint(policy, tokenizer, ctx)
+    with engine.whole_policy() as whole:
+        checkpoint, checkpoint_hash = save_checkpoint(whole, tokenizer, ctx)
+    policy = unsharded(policy, checkpoint, loader=AutoModelForCausalLM)
     metrics: dict[str, Any] = {"train_steps": len(history), "history": history, **{f"final/{k}": v for k, v in history[-1].items()}}
     metrics["stopped_early"] = history[-1].get("stopped_early")
     if ctx.cfg.eval.enabled:
@@ -80,23 +86,35 @@ def train_ppo(cfg, ctx: StageContext) -> StageResult:
     return ctx_result(ctx, cfg, checkpoint=checkpoint, checkpoint_hash=checkpoint_hash, data=data, metrics=metrics)
 
 
-def _ppo_loop(cfg, ctx, *, policy, reference, reward_model, value_model, tokenizer, prompts, examples) -> list[dict[str, Any]]:
-    params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+def _ppo_loop(cfg, ctx, *, engine: PPOEngine, reference, reward_model, tokenizer, prompts, examples) -> list[dict[str, Any]]:
+    """``num_rollouts`` rollout-and-update iterations; each rank samples its share of every
+    rollout batch. Resumes from the newest complete mid-stage checkpoint; stops (after one)
+    when a stop is requested (alignment/preempt.py)."""
     controller = (pm.AdaptiveKLController(cfg.kl_coef, target_kl=cfg.kl_target, horizon=cfg.kl_horizon)
                   if cfg.adaptive_kl else pm.FixedKLController(cfg.kl_coef))
     moments = pm.RunningMoments()
     health = HealthCheck(kl_target=cfg.kl_target if cfg.adaptive_kl else None)
-    batches = cycle(range(0, len(prompts) - cfg.rollout_batch_size + 1, cfg.rollout_batch_size))
     history: list[dict[str, Any]] = []
-    generator = torch.Generator().manual_seed(ctx.cfg.seed)
-    for step in tqdm(range(cfg.num_rollouts), desc="ppo rollouts"):
-        start = next(batches)
-        batch_prompts, batch_examples = prompts[start : start + cfg.rollout_batch_size], examples[start : start + cfg.rollout_batch_size]
-        rollout, stats = _rollout(cfg, policy=policy, reference=reference, reward_model=reward_model, value_model=value_model,
-                                  tokenizer=tokenizer, prompt_ids=batch_prompts, examples=batch_examples, moments=moments,
-                                  kl_coef=controller.value)
-        stats.update(_optimise(cfg, rollout, policy=policy, value_model=value_model, optimizer=optimizer, params=params, generator=generator))
+    generator = torch.Generator().manual_seed(ctx.cfg.seed + distributed.rank())
+    first = 0
+    resume = checkpoints.find_resume(ctx.stage_dir, inputs_hash=ctx.inputs_key, requested=cfg.resume_from, key="ppo.resume_from")
+    if resume is not None:
+        state = load_loop(resume, engine=engine)
+        first, history, health.history = state["step"], state["history"], state["health"]
+        controller.value = state["kl_coef"]
+        moments.count, moments.mean, moments.var = state["moments"]
+        generator.set_state(state["generator"])
+        log.info("[ppo] resumed at rollout %d from %s", first, resume)
+    offsets = list(range(0, len(prompts) - cfg.rollout_batch_size + 1, cfg.rollout_batch_size))
+    per_rank = cfg.rollout_batch_size // distributed.world_size()
+    for step in tqdm(range(first, cfg.num_rollouts), desc="ppo rollouts", initial=first, total=cfg.num_rollouts,
+                     disable=not distributed.is_main()):
+        start = offsets[step % len(offsets)] + distributed.rank() * per_rank
+        rollout, stats = _rollout(cfg, engine=engine, reference=reference, reward_model=reward_model, tokenizer=tokenizer,
+                                  prompt_ids=prompts[start : start + per_rank], examples=examples[start : start + per_rank],
+                                  moments=moments, kl_coef=controller.value)
+        stats.update(_optimise(cfg, rollout, engine=engine, generator=generator, rollouts=per_rank))
+        stats = distributed.mean_over_ranks(stats)
         controller.update(stats["kl"], cfg.rollout_batch_size)
         stats.update(step=step + 1, kl_coef=controller.value)
         warnings = health.observe(stats)
@@ -105,26 +123,38 @@ def _ppo_loop(cfg, ctx, *, policy, reference, reward_model, value_model, tokeniz
         history.append(stats)
         if step % max(1, cfg.logging_every_n_steps) == 0 or step + 1 == cfg.num_rollouts:
             log.info("[ppo] step %d %s", step + 1, " ".join(f"{k}={v:.3g}" for k, v in stats.items() if isinstance(v, float)))
+        stop = preempt.stop_requested()
+        every = cfg.save_every_n_steps
+        if stop or (every > 0 and (step + 1) % every == 0 and step + 1 < cfg.num_rollouts):
+            save_loop(checkpoints.trainer_dir(ctx.stage_dir), engine=engine, step=step + 1, inputs_hash=ctx.inputs_key,
+                      keep=cfg.keep_checkpoints, loop={"history": history, "health": health.history, "kl_coef": controller.value,
+                                                       "moments": (moments.count, moments.mean, moments.var),
+                                                       "generator": generator.get_state()})
+        if stop:
+            raise preempt.Preempted(f"ppo: stopped after rollout {step + 1} on {preempt.signal_name()}; checkpoint in "
+                                    f"{checkpoints.trainer_dir(ctx.stage_dir)}; rerun the same command to resume")
         if warnings and cfg.stop_on_hacking:
             stats["stopped_early"] = "; ".join(warnings)
             break
     return history
 
 
-def _rollout(cfg, *, policy, reference, reward_model, value_model, tokenizer, prompt_ids, examples, moments, kl_coef):
-    device = next(policy.parameters()).device
-    policy.eval()
+def _rollout(cfg, *, engine: PPOEngine, reference, reward_model, tokenizer, prompt_ids, examples, moments, kl_coef):
+    device = next(engine.policy.parameters()).device
+    engine.eval()
     with torch.no_grad():
-        responses = generate_ids(policy, tokenizer, prompt_ids, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, device=device)
+        with engine.sampling_policy() as sampler:
+            responses = generate_ids(sampler, tokenizer, prompt_ids, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                     device=device)
         packed = pack(prompt_ids, responses, pad_token_id=tokenizer.pad_token_id)
-        logprobs, logits = policy_forward(policy, packed, temperature=cfg.temperature)
+        logprobs, logits = policy_forward(engine.policy, packed, temperature=cfg.temperature)
         ref_logprobs, _ = policy_forward(reference, packed, temperature=cfg.temperature)
-        values = token_values(value_model, packed)
+        values = token_values(engine.value_model, packed)
         raw_scores = sequence_scores(reward_model, packed)
     ended = torch.tensor([bool(r) and r[-1] == tokenizer.eos_token_id for r in responses])
     scores = pm.eos_penalty_scores(raw_scores, ended, penalty=cfg.missing_eos_penalty)
     if cfg.normalize_scores:
-        moments.update(scores)
+        moments.update(distributed.all_gather_cat(scores))  # every rank normalises by the whole batch
         scores = (scores - moments.mean) / max(moments.std, 1e-6)
     if cfg.score_clip is not None:
         scores = pm.clip_scores(scores, clip=cfg.score_clip)
@@ -150,29 +180,28 @@ def _rollout(cfg, *, policy, reference, reward_model, value_model, tokenizer, pr
     return rollout, stats
 
 
-def _optimise(cfg, rollout, *, policy, value_model, optimizer, params, generator) -> dict[str, float]:
-    policy.train()
-    value_model.train()
+def _optimise(cfg, rollout, *, engine: PPOEngine, generator, rollouts: int) -> dict[str, float]:
+    """``ppo_epochs`` passes over this rank's rollouts in mini-batches (``mini_batch_size`` over all ranks)."""
+    engine.train()
     sums: dict[str, float] = {}
     n_updates = 0
+    mini = cfg.mini_batch_size * rollouts // cfg.rollout_batch_size  # this rank's share of a mini-batch
     for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(cfg.rollout_batch_size, generator=generator)
-        for start in range(0, cfg.rollout_batch_size, cfg.mini_batch_size):
-            index = order[start : start + cfg.mini_batch_size]
+        order = torch.randperm(rollouts, generator=generator)
+        for start in range(0, rollouts, mini):
+            index = order[start : start + mini]
             mb: Packed = select(rollout["packed"], index)
-            new_logprobs, _ = policy_forward(policy, mb, temperature=cfg.temperature)
-            new_values = token_values(value_model, mb)
+            new_logprobs, new_values = engine(mb, temperature=cfg.temperature)
             pg_loss, pg_stats = pm.policy_loss(new_logprobs, rollout["logprobs"][index], rollout["advantages"][index], mb.mask,
                                                clip_range=cfg.clip_range)
             vf_loss, vf_stats = pm.value_loss(new_values, rollout["values"][index], rollout["returns"][index], mb.mask,
                                               clip_range_value=cfg.clip_range_value)
             loss = pg_loss + cfg.value_loss_coef * vf_loss
             if not torch.isfinite(loss):
-                raise StageError(f"ppo: the loss became {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+                raise NonFiniteLoss(f"ppo: the loss became {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()}) in "
+                                    f"update {n_updates + 1} of this rollout; stopped before the optimizer step. The last "
+                                    f"complete checkpoint in {checkpoints.TRAINER_DIR}/ is intact. Lower ppo.learning_rate")
+            grad_norm = engine.step(loss)
             for name, value in {"loss/policy": pg_loss, "loss/value": vf_loss, "grad_norm": grad_norm, **pg_stats, **vf_stats}.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
             n_updates += 1
@@ -183,7 +212,8 @@ def _value_model(cfg, ctx: StageContext, reward_path: str):
     if cfg.value_from == "reward":
         model, _ = load_reward_model(reward_path, ctx=ctx)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(ctx.start.path, num_labels=1)
+        with distributed.whole_loading():
+            model = AutoModelForSequenceClassification.from_pretrained(ctx.start.path, num_labels=1)
     model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     return model
 

@@ -33,7 +33,7 @@ from alignment.inference import Messages, generate, render_prompts, response_ids
 from alignment.ppo_rollout import pack, sequence_scores
 from alignment.pairs import suite_preference_data
 from alignment import checkpoints
-from alignment.distributed import full_weights
+from alignment.distributed import unsharded, whole_loading
 from alignment.records import StageResult
 from alignment.sft import ctx_result
 from alignment.stage import StageContext, StageError, load_policy, load_tokenizer, save_checkpoint, seed_everything, train_metrics, trainer_kwargs
@@ -54,13 +54,13 @@ def train_reward(cfg, ctx: StageContext) -> StageResult:
 
     checkpoint, checkpoint_hash = save_checkpoint(trainer.model, tokenizer, ctx, trainer=trainer)
     metrics = train_metrics(output, trainer.state.log_history)
-    with full_weights(trainer.model):
-        if ctx.cfg.eval.enabled and data.eval_pairs is not None:
-            metrics.update(pair_metrics(trainer.model, tokenizer, data.eval_pairs, batch_size=ctx.cfg.eval.batch_size))
-        if ctx.cfg.eval.enabled and policy is not None:
-            # The reward model's view of the policy it started from, for the end-of-run comparison.
-            metrics["parent_policy_score"] = policy_reward_score(policy, tokenizer, trainer.model, data.held_out,
-                                                                 cfg=ctx.cfg.eval, seed=ctx.cfg.seed + 3)
+    model = unsharded(trainer.model, checkpoint, loader=AutoModelForSequenceClassification)
+    if ctx.cfg.eval.enabled and data.eval_pairs is not None:
+        metrics.update(pair_metrics(model, tokenizer, data.eval_pairs, batch_size=ctx.cfg.eval.batch_size))
+    if ctx.cfg.eval.enabled and policy is not None:
+        # The reward model's view of the policy it started from, for the end-of-run comparison.
+        metrics["parent_policy_score"] = policy_reward_score(policy, tokenizer, model, data.held_out,
+                                                             cfg=ctx.cfg.eval, seed=ctx.cfg.seed + 3)
     return ctx_result(ctx, cfg, checkpoint=checkpoint, checkpoint_hash=checkpoint_hash, data=data, metrics=metrics)
 
 
@@ -68,9 +68,10 @@ def load_reward_model(path: str, *, ctx: StageContext) -> tuple[PreTrainedModel,
     """A sequence-classification model with one output from any causal-LM or reward checkpoint."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, attn_implementation=ctx.cfg.model.attn_implementation
-        )
+        with whole_loading():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, attn_implementation=ctx.cfg.model.attn_implementation
+            )
     except OSError as err:
         raise StageError(f"could not load a reward model from {path!r} ({err})") from err
     if tokenizer.pad_token is None:

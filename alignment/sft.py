@@ -10,6 +10,7 @@ learns to answer, not to predict the instructions it is given.
 
 from __future__ import annotations
 
+from transformers import AutoModelForCausalLM
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
@@ -27,7 +28,7 @@ from alignment.stage import (
     trainer_kwargs,
 )
 from alignment import checkpoints
-from alignment.distributed import full_weights
+from alignment.distributed import unsharded
 from alignment.records import StageResult
 
 
@@ -58,8 +59,7 @@ def train_sft(cfg, ctx: StageContext) -> StageResult:
     metrics = train_metrics(output, trainer.state.log_history)
     metrics["train_tokens"] = int(trainer._metrics["train"].get("num_tokens", [0])[-1]) if hasattr(trainer, "_metrics") else None
     if ctx.cfg.eval.enabled:
-        with full_weights(trainer.model):
-            metrics.update(_evaluate(trainer.model, tokenizer, data, ctx))
+        metrics.update(_evaluate(unsharded(trainer.model, checkpoint, loader=AutoModelForCausalLM), tokenizer, data, ctx))
     return ctx_result(ctx, cfg, checkpoint=checkpoint, checkpoint_hash=checkpoint_hash, data=data, metrics=metrics, start_metrics=start_metrics)
 
 

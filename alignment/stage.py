@@ -112,9 +112,10 @@ def load_policy(ctx: StageContext, tokenizer: Optional[PreTrainedTokenizerBase] 
         model.to(_dtype(cfg.dtype))
         return model, tokenizer
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            ctx.start.path, dtype=_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation
-        )
+        with distributed.whole_loading():
+            model = AutoModelForCausalLM.from_pretrained(
+                ctx.start.path, dtype=_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation
+            )
     except OSError as err:
         raise StageError(f"could not load a model from {ctx.start.path!r} ({err}); check model.name_or_path / init_from") from err
     model.generation_config.pad_token_id = tokenizer.pad_token_id
