@@ -19,6 +19,7 @@ every rank agrees on, after a checkpoint.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -39,12 +40,21 @@ TRAINER_DIR = "trainer"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full_message(stage: str, where: Path, err: OSError) -> str:
+    return (f"{stage}: the disk filled up while writing a checkpoint in {where} ({err.strerror}). The checkpoint being "
+            f"written has no completion marker and will be ignored; the previous complete one is intact and a rerun "
+            f"resumes from it. Free space (or set output_dir elsewhere) and rerun the same command")
+
+
 class CheckpointError(ValueError):
     """A requested checkpoint cannot be resumed; the message says why and what to do."""
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the message names the stage and step."""
+    """The loss or a gradient became NaN or infinite; the message names the stage and step."""
 
 
 def trainer_dir(stage_dir: Path) -> Path:
@@ -123,8 +133,8 @@ def _choose(stage_dir: Path, *, inputs_hash: str, requested: Optional[str], key:
 class StageGuard(TrainerCallback):
     """Marks complete checkpoints, and stops on a stop request at a step all ranks agree on."""
 
-    def __init__(self, *, inputs_hash: str):
-        self.inputs_hash = inputs_hash
+    def __init__(self, *, inputs_hash: str, stage: str):
+        self.inputs_hash, self.stage = inputs_hash, stage
         self.preempted_at: Optional[int] = None
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -132,6 +142,16 @@ class StageGuard(TrainerCallback):
             self.preempted_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # A finite loss can still give inf/NaN gradients (an overflow inside); stop before they
+        # reach the weights. Under DeepSpeed the gradients live in the engine: there only the loss is checked.
+        grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
+        if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all():
+            raise NonFiniteLoss(f"{self.stage}: the gradient became NaN or infinite at step {state.global_step + 1}; stopped "
+                                f"before the optimizer step. The last complete checkpoint in {args.output_dir} is intact. "
+                                f"Lower {self.stage}.learning_rate or check the data")
         return control
 
     def on_save(self, args, state, control, **kwargs):
@@ -165,11 +185,16 @@ def train(trainer, ctx, stage_cfg) -> Any:
 
     Raises :class:`alignment.preempt.Preempted` after the checkpoint when asked to stop.
     """
-    guard = StageGuard(inputs_hash=ctx.inputs_key)
+    guard = StageGuard(inputs_hash=ctx.inputs_key, stage=ctx.stage)
     trainer.add_callback(guard)
     guard_finite_loss(trainer, stage=ctx.stage)
     resume = find_resume(ctx.stage_dir, inputs_hash=ctx.inputs_key, requested=stage_cfg.resume_from, key=f"{ctx.stage}.resume_from")
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except OSError as err:
+        if err.errno not in _DISK_FULL:
+            raise
+        raise CheckpointError(disk_full_message(ctx.stage, trainer_dir(ctx.stage_dir), err)) from err
     if guard.preempted_at is not None:
         raise preempt.Preempted(f"{ctx.stage}: stopped at step {guard.preempted_at} on {preempt.signal_name()}; "
                                 f"checkpoint in {trainer_dir(ctx.stage_dir)}; rerun the same command to resume")

@@ -107,7 +107,12 @@ def _wait(procs: list[subprocess.Popen], *, first_rank: int) -> int:
     if failed is None:
         return 0
     index, code = failed
-    print(f"alignment: rank {first_rank + index} exited with code {code}; stopped the other ranks", file=sys.stderr, flush=True)
+    from alignment.preempt import PREEMPTED_EXIT
+
+    if code == PREEMPTED_EXIT:
+        print(f"alignment: the ranks stopped after a checkpoint (exit {code}); rerun the same command to resume", file=sys.stderr, flush=True)
+    else:
+        print(f"alignment: rank {first_rank + index} exited with code {code}; stopped the other ranks", file=sys.stderr, flush=True)
     return code
 
 

@@ -14,6 +14,7 @@ recipe fails while Hydra composes the config, before anything is loaded.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -166,7 +167,7 @@ def _hydra_main(raw: DictConfig) -> None:
     from alignment.pipeline import batch_plan, validate
     from alignment.stage import StageError
 
-    from alignment.checkpoints import CheckpointError
+    from alignment.checkpoints import CheckpointError, NonFiniteLoss
 
     try:
         cfg = typed_config(raw)
@@ -183,8 +184,13 @@ def _hydra_main(raw: DictConfig) -> None:
                 raise SystemExit(code)
             return
         _run_this_rank(cfg)
-    except (ConfigError, StageError, DataError, CheckpointError) as err:
+    except (ConfigError, StageError, DataError, CheckpointError, NonFiniteLoss) as err:
         raise SystemExit(f"alignment: error: {err}") from None
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise SystemExit(f"alignment: error: the disk is full ({err}); checkpoints are committed only once complete, so the "
+                         f"previous ones are intact. Free space or set output_dir elsewhere, then rerun to resume") from None
 
 
 def _run_this_rank(cfg: AlignmentConfig) -> None:
