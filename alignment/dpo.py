@@ -31,7 +31,7 @@ from alignment.evaluate import evaluate_policy, kl_to_reference
 from alignment.inference import response_logps
 from alignment.pairs import suite_preference_data
 from alignment.reward import load_reward_model, policy_reward_score, score_responses
-from alignment import checkpoints
+from alignment import checkpoints, lora
 from alignment.distributed import unsharded
 from alignment.records import StageResult
 from alignment.sft import ctx_result
@@ -60,7 +60,9 @@ def train_dpo(cfg, ctx: StageContext) -> StageResult:
     if path is not None:  # checked before any model loads
         file_data = preference_file_data(data_cfg, path=path, seed=ctx.cfg.seed, tokenizer=tokenizer, max_seq_tokens=cfg.max_seq_tokens)
     model, tokenizer = load_policy(ctx, tokenizer)
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    # With LoRA and ref_model=None, TRL computes the reference on this same model through a frozen
+    # copy of the starting adapter (for a fresh adapter, zero: the base): no second model.
+    reference = None if lora.is_peft(model) else copy.deepcopy(model).eval().requires_grad_(False)
     reward_model = None
     data = file_data
     if data is None:
@@ -77,6 +79,7 @@ def train_dpo(cfg, ctx: StageContext) -> StageResult:
     metrics = train_metrics(output, trainer.state.log_history)
     if ctx.cfg.eval.enabled:
         policy = unsharded(trainer.model, checkpoint, loader=AutoModelForCausalLM)
+        reference = lora.ReferenceView(trainer.model) if reference is None else reference
         reference = unsharded(reference, ctx.start.path, loader=AutoModelForCausalLM)
         metrics.update(_stage_metrics(cfg, ctx, policy, reference, tokenizer, data, reward_model))
     return ctx_result(ctx, cfg, checkpoint=checkpoint, checkpoint_hash=checkpoint_hash, data=data, metrics=metrics)

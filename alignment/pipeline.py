@@ -317,3 +317,8 @@ def _validate_scale_out(cfg: AlignmentConfig) -> None:
         )
     if cfg.model.peft not in (None, "lora", "qlora"):
         raise StageError(f"model.peft={cfg.model.peft!r}: use lora, qlora, or leave it unset for full fine-tuning")
+    from alignment.lora import qlora_problem
+
+    problem = qlora_problem(cfg)
+    if problem:  # before anything loads: QLoRA needs a GPU, bitsandbytes and a checkpoint on disk
+        raise StageError(problem)

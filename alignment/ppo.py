@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from alignment import checkpoints, distributed, preempt
+from alignment import checkpoints, distributed, lora, preempt
 from alignment import ppo_math as pm
 from alignment.checkpoints import NonFiniteLoss
 from alignment.distributed import unsharded
@@ -59,8 +59,13 @@ def train_ppo(cfg, ctx: StageContext) -> StageResult:
         raise StageError("ppo needs a policy to start from: run it after sft, or set ppo.init_from")
     reward_start = find_reward_model(cfg.reward_from, ctx, key="ppo.reward_from")
     ctx.inputs["reward_model"] = {"stage": reward_start.parent_stage, "checkpoint": reward_start.path, "hash": reward_start.hash}
-    policy, tokenizer = load_policy(ctx)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    policy, tokenizer = load_policy(ctx)  # with model.peft: a PeftModel (fresh, or init_from's adapter)
+    if lora.is_peft(policy):
+        if ctx.start.adapter:
+            lora.add_reference_adapter(policy)  # a continued adapter: the reference is its frozen copy
+        reference = lora.ReferenceView(policy)  # no second model: the same weights, adapters disabled
+    else:
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
     reward_model, reward_tokenizer = load_reward_model(reward_start.path, ctx=ctx)
     reward_model.eval().requires_grad_(False)
     if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
@@ -215,7 +220,7 @@ def _value_model(cfg, ctx: StageContext, reward_path: str):
         with distributed.whole_loading():
             model = AutoModelForSequenceClassification.from_pretrained(ctx.start.path, num_labels=1)
     model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    return model
+    return lora.unwrap(lora.attach(model, ctx.cfg, task=lora.SEQ_CLS, adapter=None))  # token_values reads .score
 
 
 def _prompts(cfg, ctx: StageContext, tokenizer) -> tuple[list[list[int]], list, StageData]:

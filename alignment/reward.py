@@ -32,7 +32,7 @@ from alignment.evaluate import user_turn
 from alignment.inference import Messages, generate, render_prompts, response_ids
 from alignment.ppo_rollout import pack, sequence_scores
 from alignment.pairs import suite_preference_data
-from alignment import checkpoints
+from alignment import checkpoints, lora
 from alignment.distributed import unsharded, whole_loading
 from alignment.records import StageResult
 from alignment.sft import ctx_result
@@ -44,8 +44,11 @@ def train_reward(cfg, ctx: StageContext) -> StageResult:
     seed_everything(ctx)
     if ctx.start.path is None:
         raise StageError("reward needs a policy checkpoint to start from: run it after sft, or set reward.init_from")
+    if ctx.start.adapter:  # found out before sampling pairs
+        lora.check_task(ctx.start.adapter, task=lora.SEQ_CLS)
     data, policy = _pairs(cfg, ctx)
     model, tokenizer = load_reward_model(ctx.start.path, ctx=ctx)
+    model = lora.attach(model, ctx.cfg, task=lora.SEQ_CLS, adapter=ctx.start.adapter)
     train = data.train.add_column("margin", [cfg.margin] * len(data.train)) if cfg.margin else data.train
 
     args = TRLRewardConfig(**trainer_kwargs(cfg, ctx), center_rewards_coefficient=cfg.center_rewards_coefficient)
@@ -54,7 +57,7 @@ def train_reward(cfg, ctx: StageContext) -> StageResult:
 
     checkpoint, checkpoint_hash = save_checkpoint(trainer.model, tokenizer, ctx, trainer=trainer)
     metrics = train_metrics(output, trainer.state.log_history)
-    model = unsharded(trainer.model, checkpoint, loader=AutoModelForSequenceClassification)
+    model = lora.unwrap(unsharded(trainer.model, checkpoint, loader=AutoModelForSequenceClassification))  # scoring reads model.score
     if ctx.cfg.eval.enabled and data.eval_pairs is not None:
         metrics.update(pair_metrics(model, tokenizer, data.eval_pairs, batch_size=ctx.cfg.eval.batch_size))
     if ctx.cfg.eval.enabled and policy is not None:
@@ -70,7 +73,7 @@ def load_reward_model(path: str, *, ctx: StageContext) -> tuple[PreTrainedModel,
         tokenizer = AutoTokenizer.from_pretrained(path)
         with whole_loading():
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, attn_implementation=ctx.cfg.model.attn_implementation
+                path, num_labels=1, attn_implementation=ctx.cfg.model.attn_implementation, **lora.load_kwargs(ctx.cfg.model)
             )
     except OSError as err:
         raise StageError(f"could not load a reward model from {path!r} ({err})") from err
@@ -143,5 +146,5 @@ def _pairs(cfg, ctx: StageContext) -> tuple[StageData, PreTrainedModel | None]:
     if path is not None:
         tokenizer = load_tokenizer(ctx)
         return preference_file_data(data_cfg, path=path, seed=ctx.cfg.seed, tokenizer=tokenizer, max_seq_tokens=cfg.max_seq_tokens), None
-    policy, tokenizer = load_policy(ctx)
+    policy, tokenizer = load_policy(ctx, trainable=False)
     return suite_preference_data(policy, tokenizer, pairs=cfg.pairs, cfg=ctx.cfg), policy

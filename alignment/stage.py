@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from alignment import distributed, embedded
+from alignment import distributed, embedded, lora
 from alignment.checkpoints import trainer_save_kwargs
 from alignment.distributed import deepspeed_config
 from alignment.config import AlignmentConfig, ConfigError, TrainConfig
@@ -28,15 +28,21 @@ class StageError(ConfigError):
 
 @dataclass(frozen=True)
 class StartPoint:
-    """The checkpoint a stage starts from. ``path`` None means the embedded model from config."""
+    """The checkpoint a stage starts from. ``path`` None means the embedded model from config.
+
+    An adapter start (init_from an adapter directory) has ``adapter`` set, ``path`` its base and
+    ``hash`` the adapter directory's content hash.
+    """
 
     path: Optional[str]
     hash: Optional[str]
     parent_stage: Optional[str] = None
+    adapter: Optional[str] = None
 
     @property
     def label(self) -> str:
-        return self.path or "embedded model (model.* config)"
+        base = self.path or "embedded model (model.* config)"
+        return f"{base} + adapter {self.adapter}" if self.adapter else base
 
 
 @dataclass
@@ -56,7 +62,8 @@ class StageContext:
 
 
 def resolve_start(ref: str, *, run_dir: Path) -> StartPoint:
-    """A start point from ``init_from``: a stage directory, an HF directory or a hub id."""
+    """A start point from ``init_from``: a stage directory, an adapter directory (peft), an HF
+    directory or a hub id."""
     candidates = [Path(ref).expanduser(), run_dir / ref]
     for path in candidates:
         record = read_result(path) if path.is_dir() else None
@@ -64,6 +71,10 @@ def resolve_start(ref: str, *, run_dir: Path) -> StartPoint:
             if record.status != "complete" or not record.checkpoint:
                 raise StageError(f"init_from={ref}: stage {record.stage} in {path} did not complete; rerun it first")
             return StartPoint(record.checkpoint, record.checkpoint_hash, record.stage)
+        if lora.is_adapter_dir(path):
+            owner = read_result(path.parent)  # <stage>/adapter: the stage that wrote it
+            return StartPoint(lora.adapter_base(path, key="init_from"), hash_directory(path), owner.stage if owner else None,
+                              adapter=str(path.resolve()))
         if (path / CHECKPOINT_DIR / "config.json").is_file():
             raise StageError(f"init_from={ref}: {path} has a checkpoint but no result.json (an interrupted stage); rerun it")
         if (path / "config.json").is_file():
@@ -103,25 +114,31 @@ def load_tokenizer(ctx: StageContext) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_policy(ctx: StageContext, tokenizer: Optional[PreTrainedTokenizerBase] = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The causal LM and tokenizer the stage starts from, with a usable chat template."""
+def load_policy(
+    ctx: StageContext, tokenizer: Optional[PreTrainedTokenizerBase] = None, *, trainable: bool = True
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The causal LM and tokenizer the stage starts from, with a usable chat template.
+
+    With model.peft set, a policy the stage trains comes wrapped in LoRA adapters (fresh, or the
+    start point's adapter); see alignment/lora.py.
+    """
     cfg = ctx.cfg.model
     tokenizer = tokenizer or load_tokenizer(ctx)
     if ctx.start.path is None:
         model = embedded.build_model(cfg, tokenizer)
         model.to(_dtype(cfg.dtype))
-        return model, tokenizer
+        return lora.attach(model, ctx.cfg, task=lora.CAUSAL_LM, adapter=None, trainable=trainable), tokenizer
     try:
         with distributed.whole_loading():
             model = AutoModelForCausalLM.from_pretrained(
-                ctx.start.path, dtype=_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation
+                ctx.start.path, dtype=_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation, **lora.load_kwargs(cfg)
             )
     except OSError as err:
         raise StageError(f"could not load a model from {ctx.start.path!r} ({err}); check model.name_or_path / init_from") from err
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return lora.attach(model, ctx.cfg, task=lora.CAUSAL_LM, adapter=ctx.start.adapter, trainable=trainable), tokenizer
 
 
 def trainer_kwargs(train: TrainConfig, ctx: StageContext) -> dict[str, Any]:
@@ -164,15 +181,25 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     Called on every rank: under ZeRO-3 the weights are gathered (a collective) and rank 0 writes
     them, so the stage boundary is an ordinary model whatever the sharding. A failed write (a
     full disk) removes the partial directory and leaves the previous checkpoint as it was.
+
+    A model with LoRA adapters also writes ``<stage>/adapter/``; the checkpoint is then the base
+    with the adapter merged in, and the adapter's record goes to the stage's ``inputs["peft"]``.
     """
     state_dict = None
     if trainer is not None and distributed.is_zero3(trainer.model):
         state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if ctx.start.adapter:
+        ctx.inputs["start_adapter"] = {"adapter": ctx.start.adapter, "hash": ctx.start.hash}
     answer: tuple[Optional[str], Optional[str], Optional[str]] = (None, None, None)
     if distributed.is_main():
         tmp = new_checkpoint_dir(ctx.stage_dir)
         try:
-            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+            if lora.is_peft(model):
+                ctx.inputs["peft"] = lora.save(model, tokenizer, cfg=ctx.cfg, stage_dir=ctx.stage_dir, merged_dir=tmp,
+                                               base=ctx.start.path, state_dict=state_dict)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+                shutil.rmtree(ctx.stage_dir / lora.ADAPTER_DIR, ignore_errors=True)  # from an earlier LoRA run: stale
             tokenizer.save_pretrained(tmp)
             content_hash = hash_directory(tmp)
             final = commit_checkpoint(tmp, ctx.stage_dir)
