@@ -61,8 +61,24 @@ def trainer_dir(stage_dir: Path) -> Path:
     return stage_dir / TRAINER_DIR
 
 
-def mark_complete(checkpoint: Path, *, inputs_hash: str, step: int) -> None:
-    atomic_write_json(checkpoint / MARKER, {"step": step, "inputs_hash": inputs_hash, "written_at": time.time()})
+def layout(zero_stage: int) -> dict[str, int]:
+    """What a sharded checkpoint depends on: ZeRO shards resume only on as many processes."""
+    return {"world_size": distributed.world_size(), "zero_stage": zero_stage}
+
+
+def mark_complete(checkpoint: Path, *, inputs_hash: str, step: int, zero_stage: int = 0) -> None:
+    atomic_write_json(checkpoint / MARKER, {"step": step, "inputs_hash": inputs_hash, "layout": layout(zero_stage),
+                                            "written_at": time.time()})
+
+
+def _check_layout(path: Path, record: dict[str, Any], zero_stage: int) -> None:
+    written, now = record.get("layout") or {}, layout(zero_stage)
+    if (written.get("zero_stage") or zero_stage) and written and written != now:
+        raise CheckpointError(
+            f"{path} was written by {written.get('world_size')} process(es) under ZeRO stage {written.get('zero_stage')}, this "
+            f"run has {now['world_size']} under stage {now['zero_stage']}: sharded optimizer states resume only on the same "
+            f"layout. Relaunch with that layout to resume, or remove {path.parent} to restart the stage"
+        )
 
 
 def marker(checkpoint: Path) -> Optional[dict[str, Any]]:
@@ -77,7 +93,7 @@ def step_of(checkpoint: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
-def find_resume(stage_dir: Path, *, inputs_hash: str, requested: Optional[str], key: str) -> Optional[Path]:
+def find_resume(stage_dir: Path, *, inputs_hash: str, requested: Optional[str], key: str, zero_stage: int = 0) -> Optional[Path]:
     """The checkpoint to resume from (None: start fresh); on rank 0 also clears unusable ones.
 
     Every rank gets rank 0's answer, so all resume from the same step.
@@ -87,6 +103,8 @@ def find_resume(stage_dir: Path, *, inputs_hash: str, requested: Optional[str], 
     if distributed.is_main():
         try:
             found = _choose(stage_dir, inputs_hash=inputs_hash, requested=requested, key=key)
+            if found is not None:
+                _check_layout(found, marker(found) or {}, zero_stage)
             answer = str(found) if found else None
         except CheckpointError as err:
             error = str(err)
@@ -133,8 +151,8 @@ def _choose(stage_dir: Path, *, inputs_hash: str, requested: Optional[str], key:
 class StageGuard(TrainerCallback):
     """Marks complete checkpoints, and stops on a stop request at a step all ranks agree on."""
 
-    def __init__(self, *, inputs_hash: str, stage: str):
-        self.inputs_hash, self.stage = inputs_hash, stage
+    def __init__(self, *, inputs_hash: str, stage: str, zero_stage: int):
+        self.inputs_hash, self.stage, self.zero_stage = inputs_hash, stage, zero_stage
         self.preempted_at: Optional[int] = None
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -157,7 +175,8 @@ class StageGuard(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         distributed.barrier()  # every rank has written its part (ZeRO shards, RNG state)
         if distributed.is_main():
-            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", inputs_hash=self.inputs_hash, step=state.global_step)
+            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", inputs_hash=self.inputs_hash,
+                          step=state.global_step, zero_stage=self.zero_stage)
         distributed.barrier()
         return control
 
@@ -185,10 +204,12 @@ def train(trainer, ctx, stage_cfg) -> Any:
 
     Raises :class:`alignment.preempt.Preempted` after the checkpoint when asked to stop.
     """
-    guard = StageGuard(inputs_hash=ctx.inputs_key, stage=ctx.stage)
+    zero_stage = ctx.cfg.deepspeed.zero_stage
+    guard = StageGuard(inputs_hash=ctx.inputs_key, stage=ctx.stage, zero_stage=zero_stage)
     trainer.add_callback(guard)
     guard_finite_loss(trainer, stage=ctx.stage)
-    resume = find_resume(ctx.stage_dir, inputs_hash=ctx.inputs_key, requested=stage_cfg.resume_from, key=f"{ctx.stage}.resume_from")
+    resume = find_resume(ctx.stage_dir, inputs_hash=ctx.inputs_key, requested=stage_cfg.resume_from, key=f"{ctx.stage}.resume_from",
+                         zero_stage=zero_stage)
     try:
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except OSError as err:

@@ -102,7 +102,8 @@ def _ppo_loop(cfg, ctx, *, engine: PPOEngine, reference, reward_model, tokenizer
     history: list[dict[str, Any]] = []
     generator = torch.Generator().manual_seed(ctx.cfg.seed + distributed.rank())
     first = 0
-    resume = checkpoints.find_resume(ctx.stage_dir, inputs_hash=ctx.inputs_key, requested=cfg.resume_from, key="ppo.resume_from")
+    resume = checkpoints.find_resume(ctx.stage_dir, inputs_hash=ctx.inputs_key, requested=cfg.resume_from, key="ppo.resume_from",
+                                     zero_stage=ctx.cfg.deepspeed.zero_stage)
     if resume is not None:
         state = load_loop(resume, engine=engine)
         first, history, health.history = state["step"], state["history"], state["health"]
@@ -132,6 +133,7 @@ def _ppo_loop(cfg, ctx, *, engine: PPOEngine, reference, reward_model, tokenizer
         every = cfg.save_every_n_steps
         if stop or (every > 0 and (step + 1) % every == 0 and step + 1 < cfg.num_rollouts):
             save_loop(checkpoints.trainer_dir(ctx.stage_dir), engine=engine, step=step + 1, inputs_hash=ctx.inputs_key,
+                      zero_stage=ctx.cfg.deepspeed.zero_stage,
                       keep=cfg.keep_checkpoints, loop={"history": history, "health": health.history, "kl_coef": controller.value,
                                                        "moments": (moments.count, moments.mean, moments.var),
                                                        "generator": generator.get_state()})

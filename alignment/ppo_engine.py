@@ -140,7 +140,8 @@ def ppo_deepspeed_config(run_cfg, cfg) -> Optional[dict[str, Any]]:
     return ds
 
 
-def save_loop(directory: Path, *, engine: PPOEngine, step: int, loop: dict[str, Any], inputs_hash: str, keep: int) -> None:
+def save_loop(directory: Path, *, engine: PPOEngine, step: int, loop: dict[str, Any], inputs_hash: str, keep: int,
+              zero_stage: int) -> None:
     """A complete mid-stage PPO checkpoint ``checkpoint-<step>``: engine state, every rank's RNG
     and loop state (KL controller, score moments, history), then the completion marker."""
     from alignment.checkpoints import mark_complete, step_of
@@ -154,7 +155,7 @@ def save_loop(directory: Path, *, engine: PPOEngine, step: int, loop: dict[str, 
     torch.save({"step": step, "rng": rng, **loop}, target / f"loop_rank{distributed.rank()}.pt")
     distributed.barrier()
     if distributed.is_main():
-        mark_complete(target, inputs_hash=inputs_hash, step=step)
+        mark_complete(target, inputs_hash=inputs_hash, step=step, zero_stage=zero_stage)
         import shutil
 
         older = sorted((p for p in directory.glob("checkpoint-*") if step_of(p) < step), key=step_of)

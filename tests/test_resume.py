@@ -105,6 +105,11 @@ def test_requested_bad_checkpoint_fails_clearly(tmp_path):
     checkpoints.mark_complete(partial, inputs_hash="other", step=5)
     with pytest.raises(CheckpointError, match="other inputs"):
         checkpoints.find_resume(stage_dir, inputs_hash="abc", requested=str(partial), key="sft.resume_from")
+    checkpoints.mark_complete(partial, inputs_hash="abc", step=5, zero_stage=2)  # then claim it came from 4 ranks
+    marker = json.loads((partial / MARKER).read_text())
+    (partial / MARKER).write_text(json.dumps({**marker, "layout": {"world_size": 4, "zero_stage": 2}}))
+    with pytest.raises(CheckpointError, match="written by 4 process.*under ZeRO stage 2, this run has 1 under stage 2"):
+        checkpoints.find_resume(stage_dir, inputs_hash="abc", requested=None, key="sft.resume_from", zero_stage=2)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         checkpoints.find_resume(stage_dir, inputs_hash="abc", requested=str(tmp_path / "nope"), key="sft.resume_from")
     # From the command line: one line naming the key, no traceback.
