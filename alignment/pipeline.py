@@ -19,11 +19,13 @@ import dataclasses
 import hashlib
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from alignment import distributed
+from alignment.checkpoints import trainer_dir
 from alignment.config import AlignmentConfig
 from alignment.preempt import Preempted
 from alignment.data import MIXTURE, load_suite, stage_data, stage_source
@@ -177,6 +179,9 @@ def _run_stage(stage: str, stage_cfg, ctx: StageContext, key: str) -> StageResul
     result.data["checkpoint_files"] = {p.relative_to(checkpoint).as_posix(): p.stat().st_size for p in sorted(checkpoint.rglob("*")) if p.is_file()}
     if distributed.is_main():
         atomic_write_json(ctx.stage_dir / RESULT_FILE, result.to_dict())
+        # The stage is committed: its mid-stage checkpoints (optimizer states included, several
+        # times the model's size) can no longer be resumed from, so they go.
+        shutil.rmtree(trainer_dir(ctx.stage_dir), ignore_errors=True)
     distributed.barrier()
     return result
 

@@ -223,6 +223,8 @@ def train_metrics(train_output: Any, log_history: list[dict[str, Any]]) -> dict[
         "train_loss_final": float(losses[-1]) if losses else None,
         "train_steps": int(train_output.global_step),
         "train_seconds": float(train_output.metrics.get("train_runtime", math.nan)),
+        # [step, loss] at every logging step (averaged over ranks): the stage's training curve.
+        "train_loss_history": [[entry["step"], entry["loss"]] for entry in log_history if "loss" in entry],
     }
     return metrics
 

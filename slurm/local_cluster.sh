@@ -77,6 +77,9 @@ write_conf() {
 ClusterName=local
 SlurmctldHost=$HOST
 AuthType=auth/munge
+# A requeued job waits cred_expire + 1 s before it may start again (default 120): short here so
+# that a preempted-and-requeued test job resumes within seconds.
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres

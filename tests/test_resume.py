@@ -76,6 +76,7 @@ def test_kill_9_mid_stage_resumes_to_the_same_weights(tmp_path, uninterrupted):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
     assert _same(_weights(out / "sft"), uninterrupted)
+    assert not (out / "sft" / "sft" / "trainer").exists()  # committed: its mid-stage checkpoints are removed
 
 
 def test_partial_checkpoint_is_skipped_for_the_previous_complete_one(tmp_path, uninterrupted, caplog):
@@ -118,13 +119,15 @@ def test_requested_bad_checkpoint_fails_clearly(tmp_path):
     assert result.returncode == 1 and "alignment: error: sft.resume_from=" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_checkpoint_from_other_inputs_is_not_resumed(tmp_path, run_recipe):
-    run_recipe("sft", "sft.save_every_n_steps=2", output_dir=tmp_path)
-    trainer = tmp_path / "sft" / "sft" / "trainer"
-    assert (trainer / "checkpoint-4" / MARKER).is_file()
-    (tmp_path / "sft" / "sft" / "result.json").unlink()
-    found = checkpoints.find_resume(tmp_path / "sft" / "sft", inputs_hash="a-different-config", requested=None, key="k")
-    assert found is None and not (trainer / "checkpoint-4").exists()
+def test_checkpoint_from_other_inputs_is_not_resumed(tmp_path):
+    trainer = tmp_path / "sft" / "trainer"
+    for step, inputs in ((2, "this-config"), (4, "a-different-config")):
+        (trainer / f"checkpoint-{step}").mkdir(parents=True)
+        checkpoints.mark_complete(trainer / f"checkpoint-{step}", inputs_hash=inputs, step=step)
+    (trainer / "checkpoint-6").mkdir()  # partial: no marker
+    found = checkpoints.find_resume(tmp_path / "sft", inputs_hash="this-config", requested=None, key="sft.resume_from")
+    assert found == trainer / "checkpoint-2"
+    assert sorted(p.name for p in trainer.iterdir()) == ["checkpoint-2"]  # the foreign and the partial one removed
 
 
 def test_nan_loss_stops_within_one_step_and_keeps_the_last_good_checkpoint(tmp_path, run_recipe):
