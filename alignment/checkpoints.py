@@ -31,7 +31,7 @@ from typing import Any, Optional
 import torch
 from transformers import TrainerCallback
 
-from alignment import distributed, preempt
+from alignment import distributed, preempt, tracking
 from alignment.records import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,7 @@ def train(trainer, ctx, stage_cfg) -> Any:
     zero_stage = ctx.cfg.deepspeed.zero_stage
     guard = StageGuard(inputs_hash=ctx.inputs_key, stage=ctx.stage, zero_stage=zero_stage)
     trainer.add_callback(guard)
+    trainer.add_callback(tracking.TrainLogCallback(ctx.tracker, stage=ctx.stage))
     guard_finite_loss(trainer, stage=ctx.stage)
     resume = find_resume(ctx.stage_dir, inputs_hash=ctx.inputs_key, requested=stage_cfg.resume_from, key=f"{ctx.stage}.resume_from",
                          zero_stage=zero_stage)

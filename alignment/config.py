@@ -303,6 +303,47 @@ class LauncherConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases (logger=wandb, or logger=auto, the default): one W&B run per stage.
+
+    The API key comes from WANDB_API_KEY or ~/.netrc (``wandb login``). With neither, or when
+    the W&B host does not answer within ``probe_timeout_seconds``, the run records offline under
+    ``<run dir>/wandb/`` and ``wandb sync <dir>`` uploads it later.
+    """
+
+    project: str = "alignment"
+    entity: Optional[str] = None  # None: the API key's default entity
+    # offline or disabled: that mode. online or None: online when an API key is configured and
+    # the host answers, else offline (with None, WANDB_MODE=offline|disabled is honoured).
+    mode: Optional[str] = None
+    base_url: Optional[str] = None  # None: WANDB_BASE_URL, else https://api.wandb.ai
+    # Discouraged: a key here can end up in shell history and process listings. Prefer
+    # WANDB_API_KEY. It is redacted from every file the run writes.
+    api_key: Optional[str] = None
+    # Checkpoints are logged as artifacts by reference (file:// paths and checksums, no upload);
+    # true uploads the weights as well.
+    upload_checkpoints: bool = False
+    dir: Optional[str] = None  # where W&B's files go (it adds wandb/); None: the run directory
+    probe_timeout_seconds: float = 3.0  # reachability check before going online
+    init_timeout_seconds: float = 60.0  # wandb.init's own limit; on timeout the stage goes offline
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking for every stage (conf/logger/: auto, wandb, tensorboard, none).
+
+    ``auto`` (the default) is W&B: online when an API key is configured, otherwise offline
+    files in the run directory, never a prompt. ``tensorboard`` writes event files to
+    ``<run dir>/tensorboard/<stage>/`` (pip install 'alignment[tensorboard]'); ``none`` logs
+    nothing. See alignment/tracking.py for the metric names.
+    """
+
+    name: str = "auto"  # auto | wandb | tensorboard | none
+    tags: List[str] = field(default_factory=list)  # added to the recipe, model and data tags
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class AlignmentConfig:
     """The whole run. ``stages`` comes from the recipe (``+recipe=NAME``)."""
 
@@ -321,6 +362,7 @@ class AlignmentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     recipe: Optional[str] = None  # filled in from +recipe=NAME; recorded in every result.json
 
 
@@ -334,6 +376,7 @@ GROUPS = {
     "eval": EvalConfig,
     "deepspeed": DeepSpeedConfig,
     "launcher": LauncherConfig,
+    "logger": LoggerConfig,
 }
 
 

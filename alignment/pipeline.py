@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from alignment import distributed
+from alignment import distributed, tracking
 from alignment.checkpoints import trainer_dir
 from alignment.config import AlignmentConfig
 from alignment.preempt import Preempted
@@ -42,6 +42,7 @@ from alignment.records import (
     read_result,
 )
 from alignment.report import format_table
+from alignment.report_md import write_report
 from alignment.sft import train_sft
 from alignment.stage import StageContext, StageError, StartPoint, resolve_start
 from alignment.suite import suite_fingerprint
@@ -59,6 +60,7 @@ def run_pipeline(cfg: AlignmentConfig) -> list[StageResult]:
     """Run (or skip) each stage of ``cfg.stages``; return their records in order."""
     run_dir = Path(cfg.output_dir).resolve() / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
+    tracker = tracking.make_tracker(cfg, run_dir)  # the W&B mode is decided here, before any stage
     results: list[StageResult] = []
     skipped: list[bool] = []
     previous: dict[str, StageResult] = {}
@@ -82,8 +84,10 @@ def run_pipeline(cfg: AlignmentConfig) -> list[StageResult]:
             (stage_dir / RESULT_FILE).unlink(missing_ok=True)  # never describe weights about to change
         distributed.barrier()
         log.info("[%s] running from %s -> %s", stage, start.label, stage_dir)
-        ctx = StageContext(cfg, run_dir, stage_dir, stage, start, index == 0, previous=dict(previous), inputs_key=key)
-        result = _run_stage(stage, stage_cfg, ctx, key)
+        ctx = StageContext(cfg, run_dir, stage_dir, stage, start, index == 0, previous=dict(previous), inputs_key=key, tracker=tracker)
+        with tracking.stage_run(ctx):  # one W&B run per stage, finished (as failed) also when the stage raises
+            result = _run_stage(stage, stage_cfg, ctx, key)
+            tracking.record_result(tracker, result)
         results.append(result)
         skipped.append(False)
         previous[stage] = result
@@ -92,6 +96,10 @@ def run_pipeline(cfg: AlignmentConfig) -> list[StageResult]:
     if distributed.is_main():
         print(format_table(results), flush=True)
         print(f"results: {run_dir / 'pipeline.json'}", flush=True)
+        try:
+            print(f"report: {write_report([run_dir])}", flush=True)
+        except Exception as err:  # the stages are done and recorded; a broken report must not fail the run
+            log.warning("report not written: %s: %s (python -m alignment.report %s retries)", type(err).__name__, err, run_dir)
     return results
 
 
@@ -250,6 +258,7 @@ def validate(cfg: AlignmentConfig) -> None:
     if cfg.ppo.value_from not in ("reward", "policy"):
         raise StageError(f"ppo.value_from={cfg.ppo.value_from!r}: use reward or policy")
     _validate_scale_out(cfg)
+    tracking.check_config(cfg)
     if cfg.data.over_length not in ("drop", "truncate", "error"):
         raise StageError(f"data.over_length={cfg.data.over_length!r}: use drop, truncate or error")
     if cfg.eval.samples_per_prompt < 1 or cfg.eval.temperature < 0 or cfg.eval.max_new_tokens < 1:

@@ -24,6 +24,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
+from alignment.secrets import redact
+
 RESULT_FILE = "result.json"
 CHECKPOINT_DIR = "checkpoint"
 SCHEMA_VERSION = 1
@@ -59,7 +61,10 @@ class StageResult:
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The on-disk form: secret-looking keys and secret values removed (alignment/secrets.py)."""
+        record = dataclasses.asdict(self)
+        record["config"], record["error"] = redact(record["config"]), redact(record["error"])
+        return record
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "StageResult":

@@ -32,6 +32,7 @@ from omegaconf.errors import MissingMandatoryValue
 from alignment import distributed, preempt
 from alignment.config import AlignmentConfig, ConfigError, register_schemas
 from alignment.launch import launch, needs_launch
+from alignment.secrets import install_log_filter, is_secret_name, scrub_text_file, scrub_yaml_files, secret_values
 
 log = logging.getLogger("alignment")
 RECIPE_PACKAGE = "alignment.recipes"
@@ -163,6 +164,7 @@ def compose_config(overrides: list[str]) -> AlignmentConfig:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(raw: DictConfig) -> None:
     _STARTED["task"] = True
+    scrub_hydra_output(raw)  # first: Hydra has just written the command line and config to disk
     from alignment.data import DataError
     from alignment.pipeline import batch_plan, validate
     from alignment.stage import StageError
@@ -191,6 +193,24 @@ def _hydra_main(raw: DictConfig) -> None:
             raise
         raise SystemExit(f"alignment: error: the disk is full ({err}); checkpoints are committed only once complete, so the "
                          f"previous ones are intact. Free space or set output_dir elsewhere, then rerun to resume") from None
+
+
+def scrub_hydra_output(raw: DictConfig) -> None:
+    """Hydra writes the config, the overrides and its own config (the command line included) to
+    ``.hydra/`` before the task starts: rewrite them with secrets redacted, and redact secret
+    values from every log line from now on (console and ``alignment.log``)."""
+    hydra_cfg = HydraConfig.get()
+    config = OmegaConf.to_container(raw, resolve=False)
+    values = secret_values(config) | {o.split("=", 1)[1] for o in hydra_cfg.overrides.task
+                                      if "=" in o and is_secret_name(o.split("=", 1)[0].lstrip("+~"))}
+    install_log_filter(values)
+    out = Path(hydra_cfg.runtime.output_dir)
+    files = [out / hydra_cfg.output_subdir / name for name in ("config.yaml", "overrides.yaml", "hydra.yaml")] if hydra_cfg.output_subdir else []
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        files.append(Path(hydra_cfg.sweep.dir) / "multirun.yaml")
+    scrub_yaml_files(files, values=values)
+    for log_file in out.glob("*.log"):
+        scrub_text_file(log_file, values=values)
 
 
 def _run_this_rank(cfg: AlignmentConfig) -> None:

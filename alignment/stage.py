@@ -20,6 +20,7 @@ from alignment.checkpoints import trainer_save_kwargs
 from alignment.distributed import deepspeed_config
 from alignment.config import AlignmentConfig, ConfigError, TrainConfig
 from alignment.records import CHECKPOINT_DIR, StageResult, commit_checkpoint, hash_directory, new_checkpoint_dir, read_result
+from alignment.tracking import NullTracker, Tracker
 
 
 class StageError(ConfigError):
@@ -59,6 +60,7 @@ class StageContext:
     # Other checkpoints the stage used (e.g. a reward model), filled in for its record.
     inputs: dict[str, Any] = field(default_factory=dict)
     inputs_key: str = ""  # the stage's inputs hash: mid-stage checkpoints carry it
+    tracker: Tracker = field(default_factory=NullTracker)  # the stage's W&B/TensorBoard run (alignment/tracking.py)
 
 
 def resolve_start(ref: str, *, run_dir: Path) -> StartPoint:

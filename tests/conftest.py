@@ -24,6 +24,7 @@ TINY = [
     "eval.samples_per_prompt=2",
     "eval.max_new_tokens=8",
     "num_threads=1",
+    "logger=none",  # no W&B files, and never the network, unless a test asks for a logger
 ]
 
 

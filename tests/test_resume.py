@@ -31,7 +31,7 @@ pytestmark = pytest.mark.integration
 # The embedded default model for 60 steps (about 3.5 s of training on one core): long enough to
 # interrupt from outside, short enough to stay quick.
 LONG_SFT = ["data.suite.n_train=512", "data.suite.n_eval=14", "sft.max_steps=60", "sft.save_every_n_steps=10",
-            "sft.per_device_batch_size=16", "eval.enabled=false", "num_threads=1"]
+            "sft.per_device_batch_size=16", "eval.enabled=false", "num_threads=1", "logger=none"]
 
 
 def _command(out: Path, *extra: str) -> list[str]:

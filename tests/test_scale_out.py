@@ -159,7 +159,7 @@ def test_a_dead_rank_stops_the_others(tmp_path):
     leaving it blocked in a collective, and exits non-zero naming the dead rank."""
     command = [sys.executable, "-m", "alignment.run", "+recipe=sft", f"output_dir={tmp_path}", "data.suite.n_train=512",
                "data.suite.n_eval=14", "sft.max_steps=400", "sft.save_every_n_steps=10", "sft.per_device_batch_size=8",
-               "eval.enabled=false", "launcher.nproc_per_node=2", f"launcher.master_port={_free_port()}"]
+               "eval.enabled=false", "launcher.nproc_per_node=2", f"launcher.master_port={_free_port()}", "logger=none"]
     launcher = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     marker = tmp_path / "sft" / "sft" / "trainer" / "checkpoint-10" / "alignment_complete.json"
     deadline = time.monotonic() + 300
