@@ -1,0 +1,139 @@
+"""One timed training run: wall time per optimiser step, real tokens per step, first-step loss
+and peak memory, for one stage and one side (ours or TRL's default; see trainers.py).
+
+A step's time runs from the end of the previous step to the end of this one, so it includes
+data loading and whatever the trainer does between steps, as a user's run would. The first
+``warmup`` steps are dropped (allocator, kernel selection, lazy initialisation). Tokens are the
+non-pad tokens of every micro-batch the loss saw (see ``real_tokens``), counted by
+wrapping ``compute_loss``; for DPO a pair's chosen and rejected sequences both count, and the
+reference model's forward pass over them is part of the step's time, not extra tokens.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over ``train()``; on CPU the process's
+resident set (read from /proc every few milliseconds) at its highest during ``train()``, minus
+its size just before, i.e. what training added on top of the loaded model and data. In one
+process that running A/B/A/B is a rough figure: memory freed by an earlier run and kept by the
+allocator is reused without showing up as growth.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from alignment.bench.trainers import Workload, build_trainer
+
+
+class StepClock(TrainerCallback):
+    """Wall time at the end of every optimiser step (and at the start of training)."""
+
+    def __init__(self) -> None:
+        self.marks: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.marks = [time.perf_counter()]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.marks.append(time.perf_counter())
+
+
+class RssSampler:
+    """Highest resident set size of this process while running, from /proc/self/statm."""
+
+    def __init__(self, every_s: float = 0.005) -> None:
+        self.every_s, self.peak_bytes, self._stop = every_s, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss_bytes() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self.rss_bytes())
+            time.sleep(self.every_s)
+
+    def __enter__(self) -> "RssSampler":
+        self.peak_bytes = self.rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self.rss_bytes())
+
+
+def _count_tokens_and_first_loss(trainer, tokens_per_step: list[int], first_loss: list[float]) -> None:
+    """Wrap the trainer's ``compute_loss`` (this instance only) to count real tokens per step
+    and keep the loss of the first micro-batch, computed before any update."""
+    inner = trainer.compute_loss
+
+    def compute_loss(model, inputs, *args, **kwargs):
+        step = trainer.state.global_step  # the step being computed, 0-based
+        while len(tokens_per_step) <= step:
+            tokens_per_step.append(0)
+        tokens_per_step[step] += real_tokens(inputs, pad_token_id=trainer.processing_class.pad_token_id)
+        out = inner(model, inputs, *args, **kwargs)
+        if not first_loss:
+            first_loss.append(float((out[0] if isinstance(out, tuple) else out).detach()))
+        return out
+
+    trainer.compute_loss = compute_loss
+
+
+def real_tokens(inputs: dict[str, Any], *, pad_token_id: int) -> int:
+    """Non-pad tokens of a collated batch. TRL's SFT collator sends no attention mask (the
+    model builds it), so there the pad token is counted out of ``input_ids``; with a pad token
+    equal to EOS that misses the EOS tokens (not the case for the embedded tokenizer)."""
+    if "attention_mask" in inputs:
+        return int(inputs["attention_mask"].sum())
+    return int((inputs["input_ids"] != pad_token_id).sum())
+
+
+def timed_run(stage: str, side: str, w: Workload, *, steps: int, warmup: int, threads: int, device: str, run_dir: Path) -> dict[str, Any]:
+    """Train ``warmup + steps`` steps from fresh weights; numbers for the last ``steps``."""
+    torch.set_num_threads(threads)
+    trainer = build_trainer(stage, side, w, max_steps=warmup + steps, run_dir=run_dir, device=device)
+    clock, tokens, first_loss = StepClock(), [], []
+    trainer.add_callback(clock)
+    _count_tokens_and_first_loss(trainer, tokens, first_loss)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    before = RssSampler.rss_bytes()
+    with RssSampler() as rss:
+        trainer.train()
+    step_seconds = [b - a for a, b in zip(clock.marks, clock.marks[1:])][warmup:]
+    timed_tokens = tokens[warmup : warmup + steps]
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak_bytes - before
+    args = trainer.args
+    result = {
+        "stage": stage,
+        "side": side,
+        "step_seconds": step_seconds,
+        "tokens": timed_tokens,
+        "tokens_per_second": sum(timed_tokens) / sum(step_seconds),
+        "first_loss": first_loss[0],
+        "peak_memory_mb": peak / 2**20,
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "lr_scheduler": getattr(args.lr_scheduler_type, "value", str(args.lr_scheduler_type)),
+    }
+    del trainer
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return result
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
