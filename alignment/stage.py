@@ -159,6 +159,7 @@ def trainer_kwargs(train: TrainConfig, ctx: StageContext) -> dict[str, Any]:
         "adam_beta1": train.adam_beta1,
         "adam_beta2": train.adam_beta2,
         "max_grad_norm": train.max_grad_norm,
+        "gradient_checkpointing": train.gradient_checkpointing,
         "max_length": train.max_seq_tokens,
         "logging_steps": train.logging_every_n_steps,
         **trainer_save_kwargs(train),
