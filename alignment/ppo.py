@@ -33,7 +33,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from alignment import checkpoints, distributed, lora, preempt, tracking
+from alignment import checkpoints, distributed, lora, preempt
+from alignment.metric_names import rollout_metrics
 from alignment import ppo_math as pm
 from alignment.checkpoints import NonFiniteLoss
 from alignment.distributed import unsharded
@@ -127,7 +128,7 @@ def _ppo_loop(cfg, ctx, *, engine: PPOEngine, reference, reward_model, tokenizer
         for warning in warnings:
             log.warning("[ppo] step %d: %s", step + 1, warning)
         history.append(stats)
-        ctx.tracker.log(tracking.rollout_metrics(stats))
+        ctx.tracker.log(rollout_metrics(stats))
         if step % max(1, cfg.logging_every_n_steps) == 0 or step + 1 == cfg.num_rollouts:
             log.info("[ppo] step %d %s", step + 1, " ".join(f"{k}={v:.3g}" for k, v in stats.items() if isinstance(v, float)))
         stop = preempt.stop_requested()

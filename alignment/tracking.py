@@ -40,9 +40,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib.util
-import json
 import logging
-import math
 import netrc
 import os
 import re
@@ -59,6 +57,7 @@ from transformers import TrainerCallback
 
 from alignment import distributed, preempt
 from alignment.config import AlignmentConfig, ConfigError, WandbConfig
+from alignment.metric_names import STEP, result_metrics, train_log_metrics
 from alignment.secrets import redact, redact_text, secret_values
 
 if TYPE_CHECKING:
@@ -66,7 +65,6 @@ if TYPE_CHECKING:
     from alignment.stage import StageContext
 
 log = logging.getLogger(__name__)
-STEP = "train/step"
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 LOGGERS = ("auto", "wandb", "tensorboard", "none")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -126,6 +124,8 @@ def make_tracker(cfg: AlignmentConfig, run_dir: Path) -> Tracker:
     if not distributed.is_main() or cfg.logger.name == "none":
         return NullTracker()
     if cfg.logger.name == "tensorboard":
+        from alignment.tracking_tensorboard import TensorBoardTracker
+
         return TensorBoardTracker(cfg, run_dir)
     mode, why = wandb_mode(cfg.logger.wandb)
     asked_online = cfg.logger.name == "wandb" and cfg.logger.wandb.mode in (None, "online")
@@ -163,69 +163,6 @@ def stage_tags(cfg: AlignmentConfig) -> list[str]:
     data = Path(cfg.data.path).name if cfg.data.path else "mixture" if cfg.data.sources else "suite"
     tags = [f"recipe:{cfg.recipe or 'none'}", f"model:{model}", f"data:{data}", *cfg.logger.tags]
     return [t[:64] for t in tags]  # W&B's limit per tag
-
-
-# ---------------------------------------------------------------------------------------------
-# Metric names
-
-
-_SHARED_EVAL = {"gold_accuracy_greedy", "gold_accuracy_sampled", "response_tokens_mean", "eos_rate"}
-_RESULT_NAMES = {"eval_prompts": "eval/prompts", "reward_model_score": "eval/reward_mean", "train_loss_mean": "train/loss_mean",
-                 "train_loss_final": "train/loss_final", "train_steps": "train/steps", "train_seconds": "train/seconds",
-                 "train_tokens": "train/tokens"}
-_TRAIN_LOG_NAMES = {"loss": "train/loss", "grad_norm": "train/grad_norm", "learning_rate": "train/learning_rate",
-                    "epoch": "train/epoch", "num_tokens": "train/tokens", "train_loss": "train/loss_mean",
-                    "train_runtime": "train/seconds", "train_samples_per_second": "train/samples_per_second",
-                    "train_steps_per_second": "train/steps_per_second", "total_flos": "train/total_flos"}
-# Streamed while training (TrainLogCallback, rollout_metrics); logging them again would duplicate.
-_STREAMED = ("history", "train_loss_history", "final/")
-
-
-def result_metrics(result: "StageResult") -> dict[str, float]:
-    """A finished stage's metrics under the shared names, logged at its last training step."""
-    out = {}
-    for key, value in result.metrics.items():
-        name = _result_name(key, stage=result.stage, parent_stage=result.parent_stage)
-        if name and _is_number(value):
-            out[name] = float(value)
-    for key, value in result.start_metrics.items():
-        name = _result_name(key, stage=result.stage, parent_stage=None)
-        if name and name.startswith("eval/") and _is_number(value):
-            out[f"start/{name}"] = float(value)
-    out["stage/wall_seconds"] = float(result.wall_seconds)
-    if _is_number(result.metrics.get("train_steps")):
-        out[STEP] = float(result.metrics["train_steps"])
-    return out
-
-
-def _result_name(key: str, *, stage: str, parent_stage: Optional[str]) -> Optional[str]:
-    if key.startswith(_STREAMED):
-        return None
-    if key in _SHARED_EVAL or key.startswith(("seen/", "unseen/", "family/")):
-        return f"eval/{key}"
-    if key == "kl_to_parent":
-        # The KL is to whatever the stage started from: the SFT policy in the shipped recipes.
-        return f"eval/kl_to_{parent_stage or 'start'}"
-    return _RESULT_NAMES.get(key, f"{stage}/{key}")
-
-
-def train_log_metrics(stage: str, logs: Mapping[str, Any], *, step: int) -> dict[str, float]:
-    """A TRL trainer's log line under the shared names (``loss`` -> ``train/loss``)."""
-    out = {_TRAIN_LOG_NAMES.get(key, f"{stage}/{key}"): float(value) for key, value in logs.items() if _is_number(value)}
-    out[STEP] = float(step)
-    return out
-
-
-def rollout_metrics(stats: Mapping[str, Any]) -> dict[str, float]:
-    """One PPO rollout-and-update iteration's statistics (``alignment.ppo._ppo_loop``)."""
-    out = {("train/grad_norm" if key == "grad_norm" else f"ppo/{key}"): float(value)
-           for key, value in stats.items() if key != "step" and _is_number(value)}
-    out[STEP] = float(stats["step"])
-    return out
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _never_raises(method):
@@ -437,47 +374,3 @@ class WandbTracker:
 
 # ---------------------------------------------------------------------------------------------
 # TensorBoard
-
-
-class TensorBoardTracker:
-    """Event files per stage in ``<run dir>/tensorboard/<stage>/``: scalars under the same names
-    as W&B's, the redacted config and the checkpoint lineage as text."""
-
-    def __init__(self, cfg: AlignmentConfig, run_dir: Path):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.writer: Any = None
-        self.step = 0
-        self.secrets = secret_values(dataclasses.asdict(cfg))
-
-    @_never_raises
-    def start_stage(self, ctx: "StageContext") -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer, self.step = SummaryWriter(log_dir=str(self.run_dir / "tensorboard" / ctx.stage)), 0
-        config = redact(dataclasses.asdict(self.cfg), values=self.secrets)
-        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```")
-
-    @_never_raises
-    def log(self, metrics: Mapping[str, float]) -> None:
-        if self.writer is None:
-            return
-        self.step = int(metrics.get(STEP, self.step))
-        for name, value in metrics.items():
-            if name != STEP:
-                self.writer.add_scalar(name, value, global_step=self.step)
-
-    @_never_raises
-    def log_artifact(self, result: "StageResult") -> None:
-        if self.writer is not None:
-            self.writer.add_text("checkpoint", f"{result.checkpoint} (sha256 {result.checkpoint_hash}); started from "
-                                               f"{result.parent_checkpoint} ({result.parent_stage or 'no stage'})")
-
-    @_never_raises
-    def finish(self, *, error: Optional[str] = None, preempted: bool = False) -> None:
-        if self.writer is None:
-            return
-        if error:
-            self.writer.add_text("error", ("preempted: " if preempted else "") + redact_text(error, values=self.secrets))
-        self.writer.close()
-        self.writer = None
-

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from alignment import tracking
+from alignment import metric_names, tracking
 from alignment.config import ConfigError, WandbConfig
 from alignment.preempt import Preempted
 from alignment.records import StageResult
@@ -131,7 +131,7 @@ def _result(stage: str, parent: str | None, metrics: dict, start_metrics: dict |
 
 
 def test_stages_share_metric_names():
-    dpo = tracking.result_metrics(_result("dpo", "sft", {
+    dpo = metric_names.result_metrics(_result("dpo", "sft", {
         "gold_accuracy_sampled": 0.5, "unseen/gold_accuracy_sampled": 0.25, "family/add/gold_accuracy_greedy": 1.0,
         "kl_to_parent": 0.3, "reward_model_score": 1.5, "reward_accuracy": 0.75, "train_steps": 3, "train_loss_mean": 0.7,
         "train_loss_history": [[1, 0.7]], "stopped_early": None}))
@@ -139,12 +139,12 @@ def test_stages_share_metric_names():
                    "eval/family/add/gold_accuracy_greedy": 1.0, "eval/kl_to_sft": 0.3, "eval/reward_mean": 1.5,
                    "dpo/reward_accuracy": 0.75, "train/steps": 3.0, "train/loss_mean": 0.7, "stage/wall_seconds": 2.0,
                    "train/step": 3.0}
-    sft = tracking.result_metrics(_result("sft", None, {"gold_accuracy_sampled": 0.4}, start_metrics={"gold_accuracy_sampled": 0.1}))
+    sft = metric_names.result_metrics(_result("sft", None, {"gold_accuracy_sampled": 0.4}, start_metrics={"gold_accuracy_sampled": 0.1}))
     assert sft["eval/gold_accuracy_sampled"] == 0.4 and sft["start/eval/gold_accuracy_sampled"] == 0.1
-    assert tracking.result_metrics(_result("reward", "sft", {"pairwise_accuracy": 0.9}))["reward/pairwise_accuracy"] == 0.9
-    logs = tracking.train_log_metrics("dpo", {"loss": 0.69, "grad_norm": 1.0, "rewards/margins": 0.1, "num_tokens": 100.0}, step=7)
+    assert metric_names.result_metrics(_result("reward", "sft", {"pairwise_accuracy": 0.9}))["reward/pairwise_accuracy"] == 0.9
+    logs = metric_names.train_log_metrics("dpo", {"loss": 0.69, "grad_norm": 1.0, "rewards/margins": 0.1, "num_tokens": 100.0}, step=7)
     assert logs == {"train/loss": 0.69, "train/grad_norm": 1.0, "dpo/rewards/margins": 0.1, "train/tokens": 100.0, "train/step": 7.0}
-    ppo = tracking.rollout_metrics({"step": 2, "kl": 0.1, "grad_norm": 0.5, "rollout/gold_accuracy": 0.5, "stopped_early": "why"})
+    ppo = metric_names.rollout_metrics({"step": 2, "kl": 0.1, "grad_norm": 0.5, "rollout/gold_accuracy": 0.5, "stopped_early": "why"})
     assert ppo == {"train/step": 2.0, "ppo/kl": 0.1, "train/grad_norm": 0.5, "ppo/rollout/gold_accuracy": 0.5}
 
 
