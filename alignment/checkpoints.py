@@ -166,7 +166,7 @@ class StageGuard(TrainerCallback):
         # A finite loss can still give inf/NaN gradients (an overflow inside); stop before they
         # reach the weights. Under DeepSpeed the gradients live in the engine: there only the loss is checked.
         grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
-        if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all():
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):  # one fused pass, as clipping does
             raise NonFiniteLoss(f"{self.stage}: the gradient became NaN or infinite at step {state.global_step + 1}; stopped "
                                 f"before the optimizer step. The last complete checkpoint in {args.output_dir} is intact. "
                                 f"Lower {self.stage}.learning_rate or check the data")

@@ -29,6 +29,7 @@ import time
 from typing import Optional
 
 from alignment.config import LauncherConfig
+from alignment.preempt import PREEMPTED_EXIT
 
 log = logging.getLogger(__name__)
 LAUNCHED_ENV = "ALIGNMENT_LAUNCHED"  # set in each rank, so it runs the pipeline instead of launching
@@ -107,8 +108,6 @@ def _wait(procs: list[subprocess.Popen], *, first_rank: int) -> int:
     if failed is None:
         return 0
     index, code = failed
-    from alignment.preempt import PREEMPTED_EXIT
-
     if code == PREEMPTED_EXIT:
         print(f"alignment: the ranks stopped after a checkpoint (exit {code}); rerun the same command to resume", file=sys.stderr, flush=True)
     else:
@@ -118,8 +117,6 @@ def _wait(procs: list[subprocess.Popen], *, first_rank: int) -> int:
 
 def _stop_others(procs: list[subprocess.Popen], *, failed_index: int) -> None:
     """The other ranks may be blocked in a collective waiting for the dead one: end them."""
-    from alignment.preempt import PREEMPTED_EXIT
-
     if procs[failed_index].returncode == PREEMPTED_EXIT:
         return  # every rank stops at the same step on preemption; let them finish their checkpoint
     for proc in procs:

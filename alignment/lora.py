@@ -49,7 +49,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from alignment import distributed, embedded
 from alignment.config import AlignmentConfig, ConfigError, LoraConfig, ModelConfig
-from alignment.records import hash_directory
+from alignment.records import commit_checkpoint, hash_directory, new_checkpoint_dir
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +253,7 @@ def save(
     gathered weights under ZeRO-3. Runs on one rank.
     """
     final = stage_dir / ADAPTER_DIR
-    tmp = stage_dir / f".{ADAPTER_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = new_checkpoint_dir(stage_dir, name=ADAPTER_DIR)
     task = model.peft_config[TRAINED].task_type
     try:
         if base is None:  # the embedded model exists only in memory: write the base next to the adapter
@@ -275,7 +274,7 @@ def save(
         if getattr(merged, "generation_config", None) is not None:  # a causal LM
             merged.generation_config.pad_token_id = unwrap(model).config.pad_token_id
         merged.save_pretrained(merged_dir, safe_serialization=True)
-        _commit(tmp, final)
+        commit_checkpoint(tmp, stage_dir, name=ADAPTER_DIR)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -312,16 +311,3 @@ def _adapter_config(path: Path) -> dict[str, Any]:
         return json.loads((path / ADAPTER_CONFIG).read_text())
     except (OSError, ValueError) as err:
         raise ConfigError(f"init_from={path}: cannot read {ADAPTER_CONFIG} ({err}); is it a peft adapter directory?") from err
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    """Move a fully written directory into place, replacing an old one (as records.commit_checkpoint)."""
-    for path in tmp.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    retired = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, retired)
-    os.replace(tmp, final)
-    shutil.rmtree(retired, ignore_errors=True)

@@ -17,6 +17,7 @@ The frozen models (reference, reward) stay whole on every rank.
 from __future__ import annotations
 
 import contextlib
+import shutil
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from alignment import distributed
+from alignment.checkpoints import mark_complete, step_of
 from alignment.ppo_rollout import Packed, policy_forward, token_values
 
 
@@ -144,8 +146,6 @@ def save_loop(directory: Path, *, engine: PPOEngine, step: int, loop: dict[str, 
               zero_stage: int) -> None:
     """A complete mid-stage PPO checkpoint ``checkpoint-<step>``: engine state, every rank's RNG
     and loop state (KL controller, score moments, history), then the completion marker."""
-    from alignment.checkpoints import mark_complete, step_of
-
     target = directory / f"checkpoint-{step}"
     if distributed.is_main():
         target.mkdir(parents=True, exist_ok=True)
@@ -156,8 +156,6 @@ def save_loop(directory: Path, *, engine: PPOEngine, step: int, loop: dict[str, 
     distributed.barrier()
     if distributed.is_main():
         mark_complete(target, inputs_hash=inputs_hash, step=step, zero_stage=zero_stage)
-        import shutil
-
         older = sorted((p for p in directory.glob("checkpoint-*") if step_of(p) < step), key=step_of)
         for path in older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(path, ignore_errors=True)

@@ -111,21 +111,22 @@ def hash_directory(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def new_checkpoint_dir(stage_dir: Path) -> Path:
-    """A fresh temporary directory to save the checkpoint into before it is committed."""
-    tmp = stage_dir / f".{CHECKPOINT_DIR}.tmp-{os.getpid()}"
+def new_checkpoint_dir(stage_dir: Path, *, name: str = CHECKPOINT_DIR) -> Path:
+    """A fresh temporary directory to save the checkpoint (or ``name``) into before it is committed."""
+    tmp = stage_dir / f".{name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
 
 
-def commit_checkpoint(tmp: Path, stage_dir: Path) -> Path:
-    """Move a fully written checkpoint into ``<stage_dir>/checkpoint`` (replacing an old one)."""
-    final = stage_dir / CHECKPOINT_DIR
+def commit_checkpoint(tmp: Path, stage_dir: Path, *, name: str = CHECKPOINT_DIR) -> Path:
+    """Move a fully written directory into ``<stage_dir>/<name>`` (replacing an old one):
+    the checkpoint, or a LoRA stage's ``adapter``."""
+    final = stage_dir / name
     _fsync_tree(tmp)
     if final.exists():
-        retired = stage_dir / f".{CHECKPOINT_DIR}.old-{os.getpid()}"
+        retired = stage_dir / f".{name}.old-{os.getpid()}"
         os.replace(final, retired)
         os.replace(tmp, final)
         shutil.rmtree(retired, ignore_errors=True)
