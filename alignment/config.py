@@ -51,6 +51,10 @@ class ModelConfig:
     chat_template: Optional[str] = None
     dtype: str = "float32"  # float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"
+    # Run the transformer on real tokens only: each right-padded batch is repacked into fewer
+    # rows of whole sequences with per-sequence position ids (alignment/packing.py). Same loss
+    # and gradients as the padded batch, a third fewer positions on the task suite.
+    padding_free: bool = True
     # Architecture of the embedded model (used only when name_or_path is unset).
     hidden_size: int = 128
     num_layers: int = 2

@@ -31,7 +31,7 @@ from alignment.evaluate import evaluate_policy, kl_to_reference
 from alignment.inference import response_logps
 from alignment.pairs import suite_preference_data
 from alignment.reward import load_reward_model, policy_reward_score, score_responses
-from alignment import checkpoints, lora
+from alignment import checkpoints, fused_head, lora
 from alignment.distributed import unsharded
 from alignment.records import StageResult
 from alignment.sft import ctx_result
@@ -68,11 +68,7 @@ def train_dpo(cfg, ctx: StageContext) -> StageResult:
     if data is None:
         data, reward_model = _sampled_pairs(cfg, ctx, model, tokenizer)
 
-    losses = {"loss_type": [cfg.loss_type]}
-    if cfg.sft_loss_weight > 0:
-        losses = {"loss_type": [cfg.loss_type, "sft"], "loss_weights": [1.0, cfg.sft_loss_weight]}
-    args = TRLDPOConfig(**trainer_kwargs(cfg, ctx), beta=cfg.beta, **losses)
-    trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=data.train, processing_class=tokenizer)
+    trainer = build_dpo_trainer(cfg, ctx, model, reference, tokenizer, data.train)
     output = checkpoints.train(trainer, ctx, cfg)
 
     checkpoint, checkpoint_hash = save_checkpoint(trainer.model, tokenizer, ctx, trainer=trainer)
@@ -83,6 +79,19 @@ def train_dpo(cfg, ctx: StageContext) -> StageResult:
         reference = unsharded(reference, ctx.start.path, loader=AutoModelForCausalLM)
         metrics.update(_stage_metrics(cfg, ctx, policy, reference, tokenizer, data, reward_model))
     return ctx_result(ctx, cfg, checkpoint=checkpoint, checkpoint_hash=checkpoint_hash, data=data, metrics=metrics)
+
+
+def build_dpo_trainer(cfg, ctx: StageContext, model, reference, tokenizer, rows, **overrides) -> DPOTrainer:
+    """TRL's DPOTrainer as this stage runs it; ``overrides`` replace trainer arguments (the
+    benchmark's step count). Each [chosen; rejected] batch runs padding-free with the prompt
+    shared by its pair (alignment/packing.py); the LM head scores completion tokens only."""
+    losses = {"loss_type": [cfg.loss_type]}
+    if cfg.sft_loss_weight > 0:
+        losses = {"loss_type": [cfg.loss_type, "sft"], "loss_weights": [1.0, cfg.sft_loss_weight]}
+    args = TRLDPOConfig(**{**trainer_kwargs(cfg, ctx), **overrides}, beta=cfg.beta, **losses)
+    trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=rows, processing_class=tokenizer)
+    fused_head.score_labelled_only(trainer)
+    return trainer
 
 
 def _stage_metrics(cfg, ctx: StageContext, policy, reference, tokenizer, data, reward_model) -> dict[str, Any]:

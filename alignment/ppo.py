@@ -47,7 +47,7 @@ from alignment.ppo_rollout import Packed, pack, policy_forward, select, sequence
 from alignment.records import StageResult
 from alignment.reward import load_reward_model, policy_reward_score
 from alignment.sft import ctx_result
-from alignment.stage import StageContext, StageError, find_reward_model, load_policy, save_checkpoint, seed_everything
+from alignment.stage import StageContext, StageError, find_reward_model, load_policy, padding_free, save_checkpoint, seed_everything
 from alignment.suite import verify
 
 log = logging.getLogger(__name__)
@@ -224,6 +224,7 @@ def _value_model(cfg, ctx: StageContext, reward_path: str):
         with distributed.whole_loading():
             model = AutoModelForSequenceClassification.from_pretrained(ctx.start.path, num_labels=1)
     model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    padding_free(model, ctx.cfg.model)
     return lora.unwrap(lora.attach(model, ctx.cfg, task=lora.SEQ_CLS, adapter=None))  # token_values reads .score
 
 

@@ -36,7 +36,7 @@ from alignment import checkpoints, lora
 from alignment.distributed import unsharded, whole_loading
 from alignment.records import StageResult
 from alignment.sft import ctx_result
-from alignment.stage import StageContext, StageError, load_policy, load_tokenizer, save_checkpoint, seed_everything, train_metrics, trainer_kwargs
+from alignment.stage import StageContext, StageError, load_policy, padding_free, load_tokenizer, save_checkpoint, seed_everything, train_metrics, trainer_kwargs
 
 
 def train_reward(cfg, ctx: StageContext) -> StageResult:
@@ -49,10 +49,7 @@ def train_reward(cfg, ctx: StageContext) -> StageResult:
     data, policy = _pairs(cfg, ctx)
     model, tokenizer = load_reward_model(ctx.start.path, ctx=ctx)
     model = lora.attach(model, ctx.cfg, task=lora.SEQ_CLS, adapter=ctx.start.adapter)
-    train = data.train.add_column("margin", [cfg.margin] * len(data.train)) if cfg.margin else data.train
-
-    args = TRLRewardConfig(**trainer_kwargs(cfg, ctx), center_rewards_coefficient=cfg.center_rewards_coefficient)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    trainer = build_reward_trainer(cfg, ctx, model, tokenizer, data.train)
     output = checkpoints.train(trainer, ctx, cfg)
 
     checkpoint, checkpoint_hash = save_checkpoint(trainer.model, tokenizer, ctx, trainer=trainer)
@@ -65,6 +62,15 @@ def train_reward(cfg, ctx: StageContext) -> StageResult:
         metrics["parent_policy_score"] = policy_reward_score(policy, tokenizer, model, data.held_out,
                                                              cfg=ctx.cfg.eval, seed=ctx.cfg.seed + 3)
     return ctx_result(ctx, cfg, checkpoint=checkpoint, checkpoint_hash=checkpoint_hash, data=data, metrics=metrics)
+
+
+def build_reward_trainer(cfg, ctx: StageContext, model, tokenizer, rows, **overrides) -> RewardTrainer:
+    """TRL's RewardTrainer as this stage runs it; ``overrides`` replace trainer arguments (the
+    benchmark's step count). Each [chosen; rejected] batch runs padding-free with the prompt
+    shared by its pair (alignment/packing.py)."""
+    train = rows.add_column("margin", [cfg.margin] * len(rows)) if cfg.margin else rows
+    args = TRLRewardConfig(**{**trainer_kwargs(cfg, ctx), **overrides}, center_rewards_coefficient=cfg.center_rewards_coefficient)
+    return RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
 
 
 def load_reward_model(path: str, *, ctx: StageContext) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -80,6 +86,7 @@ def load_reward_model(path: str, *, ctx: StageContext) -> tuple[PreTrainedModel,
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
+    padding_free(model, ctx.cfg.model)
     return model, tokenizer
 
 

@@ -27,7 +27,7 @@ from alignment.stage import (
     train_metrics,
     trainer_kwargs,
 )
-from alignment import checkpoints
+from alignment import checkpoints, fused_head
 from alignment.distributed import unsharded
 from alignment.records import StageResult
 
@@ -43,16 +43,7 @@ def train_sft(cfg, ctx: StageContext) -> StageResult:
     if ctx.is_first and ctx.cfg.eval.enabled and ctx.cfg.eval.eval_start_model:
         start_metrics = _evaluate(model, tokenizer, data, ctx)
 
-    train, loss_mask = _with_loss_mask(data.train, tokenizer, assistant_only=cfg.assistant_only_loss)
-    data.counts["loss_mask"] = loss_mask
-    args = TRLSFTConfig(
-        **trainer_kwargs(cfg, ctx),
-        assistant_only_loss=loss_mask == "generation_tags",
-        completion_only_loss=loss_mask == "final_turn",
-        packing=False,
-        eos_token=tokenizer.eos_token,
-    )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    trainer, data.counts["loss_mask"] = build_sft_trainer(cfg, ctx, model, tokenizer, data.train)
     output = checkpoints.train(trainer, ctx, cfg)
 
     checkpoint, checkpoint_hash = save_checkpoint(trainer.model, tokenizer, ctx, trainer=trainer)
@@ -61,6 +52,24 @@ def train_sft(cfg, ctx: StageContext) -> StageResult:
     if ctx.cfg.eval.enabled:
         metrics.update(_evaluate(unsharded(trainer.model, checkpoint, loader=AutoModelForCausalLM), tokenizer, data, ctx))
     return ctx_result(ctx, cfg, checkpoint=checkpoint, checkpoint_hash=checkpoint_hash, data=data, metrics=metrics, start_metrics=start_metrics)
+
+
+def build_sft_trainer(cfg, ctx: StageContext, model, tokenizer, rows, **overrides) -> tuple[SFTTrainer, str]:
+    """TRL's SFTTrainer as this stage runs it, and how its loss is masked; ``overrides`` replace
+    trainer arguments (the benchmark's step count). Batches stay padded for TRL's collator and
+    are repacked inside the model (alignment/packing.py); the LM head scores response tokens
+    only (alignment/fused_head.py)."""
+    train, loss_mask = _with_loss_mask(rows, tokenizer, assistant_only=cfg.assistant_only_loss)
+    args = TRLSFTConfig(
+        **{**trainer_kwargs(cfg, ctx), **overrides},
+        assistant_only_loss=loss_mask == "generation_tags",
+        completion_only_loss=loss_mask == "final_turn",
+        packing=False,
+        eos_token=tokenizer.eos_token,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    fused_head.score_labelled_only(trainer)
+    return trainer, loss_mask
 
 
 def _with_loss_mask(train, tokenizer, *, assistant_only: bool):

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from alignment import distributed, embedded, lora
+from alignment import distributed, embedded, lora, packing
 from alignment.checkpoints import trainer_save_kwargs
 from alignment.distributed import deepspeed_config
 from alignment.config import AlignmentConfig, ConfigError, TrainConfig
@@ -129,6 +129,7 @@ def load_policy(
     if ctx.start.path is None:
         model = embedded.build_model(cfg, tokenizer)
         model.to(_dtype(cfg.dtype))
+        padding_free(model, cfg)
         return lora.attach(model, ctx.cfg, task=lora.CAUSAL_LM, adapter=None, trainable=trainable), tokenizer
     try:
         with distributed.whole_loading():
@@ -140,7 +141,14 @@ def load_policy(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    padding_free(model, cfg)
     return lora.attach(model, ctx.cfg, task=lora.CAUSAL_LM, adapter=ctx.start.adapter, trainable=trainable), tokenizer
+
+
+def padding_free(model: PreTrainedModel, cfg) -> None:
+    """Padding-free forwards for ``model`` when ``model.padding_free`` (``cfg``: the ModelConfig)."""
+    if cfg.padding_free:
+        packing.enable(model)
 
 
 def trainer_kwargs(train: TrainConfig, ctx: StageContext) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """The two trainers the step benchmark compares, per stage: "ours" and "trl".
 
-"ours" is the TRL trainer exactly as the stage module builds it: ``trainer_kwargs`` plus the
-stage's own flags (SFT's loss mask, the reward model's centering, DPO's explicit reference copy
-and RPO term), with its model loaded by the stage's own loader. "trl" is the same trainer class
+"ours" is the TRL trainer exactly as the stage module builds it (its ``build_<stage>_trainer``,
+the same function the pipeline calls), with its model loaded by the stage's own loader:
+padding-free forwards, the LM head on labelled positions only, DPO's explicit reference copy. "trl" is the same trainer class
 with TRL's default config, given only what defines the workload: the output directory, the
 learning rate, batch size, max length and number of steps, the seed (so both see the same rows
 in the same order), report_to and the device. SFT's ``assistant_only_loss`` is also passed to
@@ -30,9 +30,10 @@ from alignment import embedded, lora
 from alignment.config import AlignmentConfig
 from alignment.data import load_suite, sft_data
 from alignment.evaluate import user_turn
-from alignment.reward import load_reward_model
-from alignment.sft import _with_loss_mask  # the stage's own loss-mask choice, not a copy of it
-from alignment.stage import StageContext, StartPoint, load_policy, trainer_kwargs
+from alignment.dpo import build_dpo_trainer
+from alignment.reward import build_reward_trainer, load_reward_model
+from alignment.sft import build_sft_trainer
+from alignment.stage import StageContext, StartPoint, load_policy
 from alignment.suite import corrupt
 
 STAGES = ("sft", "reward", "dpo")
@@ -97,31 +98,22 @@ def build_trainer(stage: str, side: str, w: Workload, *, max_steps: int, run_dir
 
 
 def _ours(stage: str, cfg, w: Workload, *, max_steps: int, run_dir: Path, device: str) -> Trainer:
-    """The stage's trainer as ``alignment/<stage>.py`` builds it (keep the two in step)."""
+    """The stage's trainer, built by the stage module's own ``build_<stage>_trainer``."""
     start = StartPoint(None, None) if stage == "sft" else StartPoint(str(w.init_dir), None, "sft")
     ctx = StageContext(cfg=w.cfg, run_dir=run_dir, stage_dir=run_dir, stage=stage, start=start, is_first=stage == "sft")
     # The benchmark's only changes: its step count, no mid-run checkpoints, and the device asked for.
-    kwargs = {**trainer_kwargs(cfg, ctx), "max_steps": max_steps, "save_strategy": "no", "use_cpu": device == "cpu"}
+    overrides = {"max_steps": max_steps, "save_strategy": "no", "use_cpu": device == "cpu"}
     tokenizer = copy.deepcopy(w.tokenizer)
     if stage == "sft":
         model, tokenizer = load_policy(ctx, tokenizer)
-        train, loss_mask = _with_loss_mask(w.sft_rows, tokenizer, assistant_only=cfg.assistant_only_loss)
-        args = SFTConfig(**kwargs, assistant_only_loss=loss_mask == "generation_tags", completion_only_loss=loss_mask == "final_turn",
-                         packing=False, eos_token=tokenizer.eos_token)
-        return SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+        return build_sft_trainer(cfg, ctx, model, tokenizer, w.sft_rows, **overrides)[0]
     if stage == "reward":
         model, tokenizer = load_reward_model(str(w.init_dir), ctx=ctx)
         model = lora.attach(model, w.cfg, task=lora.SEQ_CLS, adapter=None)
-        train = w.pair_rows.add_column("margin", [cfg.margin] * len(w.pair_rows)) if cfg.margin else w.pair_rows
-        args = RewardConfig(**kwargs, center_rewards_coefficient=cfg.center_rewards_coefficient)
-        return RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+        return build_reward_trainer(cfg, ctx, model, tokenizer, w.pair_rows, **overrides)
     model, tokenizer = load_policy(ctx, tokenizer)
     reference = None if lora.is_peft(model) else copy.deepcopy(model).eval().requires_grad_(False)
-    losses = {"loss_type": [cfg.loss_type]}
-    if cfg.sft_loss_weight > 0:
-        losses = {"loss_type": [cfg.loss_type, "sft"], "loss_weights": [1.0, cfg.sft_loss_weight]}
-    args = DPOConfig(**kwargs, beta=cfg.beta, **losses)
-    return DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=w.pair_rows, processing_class=tokenizer)
+    return build_dpo_trainer(cfg, ctx, model, reference, tokenizer, w.pair_rows, **overrides)
 
 
 def same_objective(stage: str, cfg: AlignmentConfig) -> bool:
