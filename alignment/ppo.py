@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from typing import Any
 
 import torch
@@ -114,13 +115,16 @@ def _ppo_loop(cfg, ctx, *, engine: PPOEngine, reference, reward_model, tokenizer
         log.info("[ppo] resumed at rollout %d from %s", first, resume)
     offsets = list(range(0, len(prompts) - cfg.rollout_batch_size + 1, cfg.rollout_batch_size))
     per_rank = cfg.rollout_batch_size // distributed.world_size()
+    device = next(engine.policy.parameters()).device
     for step in tqdm(range(first, cfg.num_rollouts), desc="ppo rollouts", initial=first, total=cfg.num_rollouts,
                      disable=not distributed.is_main()):
         start = offsets[step % len(offsets)] + distributed.rank() * per_rank
         rollout, stats = _rollout(cfg, engine=engine, reference=reference, reward_model=reward_model, tokenizer=tokenizer,
                                   prompt_ids=prompts[start : start + per_rank], examples=examples[start : start + per_rank],
                                   moments=moments, kl_coef=controller.value)
+        optimise_started = _clock(device)
         stats.update(_optimise(cfg, rollout, engine=engine, generator=generator, rollouts=per_rank))
+        stats["time/training_s"] = _clock(device) - optimise_started
         stats = distributed.mean_over_ranks(stats)
         controller.update(stats["kl"], cfg.rollout_batch_size)
         stats.update(step=step + 1, kl_coef=controller.value)
@@ -148,18 +152,28 @@ def _ppo_loop(cfg, ctx, *, engine: PPOEngine, reference, reward_model, tokenizer
     return history
 
 
+def _clock(device: torch.device) -> float:
+    """Seconds, after the device's queued work is done (phase timings on a GPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _rollout(cfg, *, engine: PPOEngine, reference, reward_model, tokenizer, prompt_ids, examples, moments, kl_coef):
     device = next(engine.policy.parameters()).device
     engine.eval()
+    started = _clock(device)
     with torch.no_grad():
         with engine.sampling_policy() as sampler:
             responses = generate_ids(sampler, tokenizer, prompt_ids, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                      device=device)
+        generated = _clock(device)
         packed = pack(prompt_ids, responses, pad_token_id=tokenizer.pad_token_id)
         logprobs, logits = policy_forward(engine.policy, packed, temperature=cfg.temperature)
         ref_logprobs, _ = policy_forward(reference, packed, temperature=cfg.temperature)
         values = token_values(engine.value_model, packed)
         raw_scores = sequence_scores(reward_model, packed)
+        scored = _clock(device)
     ended = torch.tensor([bool(r) and r[-1] == tokenizer.eos_token_id for r in responses])
     scores = pm.eos_penalty_scores(raw_scores, ended, penalty=cfg.missing_eos_penalty)
     if cfg.normalize_scores:
@@ -182,6 +196,11 @@ def _rollout(cfg, *, engine: PPOEngine, reference, reward_model, tokenizer, prom
         "entropy": float(pm.entropy_from_logits(logits, mask)),
         "response_tokens": float(mask.sum(-1).mean()),
         "eos_rate": float(ended.float().mean()),
+        # Where a step's time goes (alignment.bench reports tokens/s per phase from these).
+        "time/generation_s": generated - started,
+        "time/scoring_s": scored - generated,
+        "tokens/generated": float(mask.sum()),
+        "tokens/scored": float(packed.attention_mask.sum()),
     }
     if gold:
         stats["rollout/gold_accuracy"] = sum(gold) / len(gold)

@@ -10,16 +10,23 @@ reference model's forward pass over them is part of the step's time, not extra t
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over ``train()``; on CPU the process's
 resident set (read from /proc every few milliseconds) at its highest during ``train()``, minus
-its size just before, i.e. what training added on top of the loaded model and data. In one
-process that running A/B/A/B is a rough figure: memory freed by an earlier run and kept by the
-allocator is reused without showing up as growth.
+its size just before, i.e. what training added on top of the loaded model and data. Each run
+has a process of its own (``python -m alignment.bench.steps``, started by the benchmark), so
+no memory freed by an earlier run is reused unseen; ``--in-process`` trades that for speed.
+
+    python -m alignment.bench.steps --stage dpo --side ours --steps 10 --warmup 2 --out run.json
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,7 +35,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from alignment.bench.trainers import Workload, build_trainer
+from alignment.bench.trainers import STAGES, Workload, bench_config, build_trainer, build_workload
 
 
 class StepClock(TrainerCallback):
@@ -137,3 +144,49 @@ def timed_run(stage: str, side: str, w: Workload, *, steps: int, warmup: int, th
 
 def spread(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def run_in_child(stage: str, side: str, *, steps: int, warmup: int, threads: int, device: str, tiny: bool,
+                 dpo_sft_weight: float | None, overrides: list[str], work_dir: Path) -> dict[str, Any]:
+    """``timed_run`` in a fresh process (its own workload, same seed: the same rows and weights)."""
+    out = work_dir / f"{stage}_{side}_{time.monotonic_ns()}.json"
+    cmd = [sys.executable, "-m", "alignment.bench.steps", "--stage", stage, "--side", side, "--steps", str(steps),
+           "--warmup", str(warmup), "--threads", str(threads), "--device", device, "--out", str(out)]
+    cmd += ["--tiny"] if tiny else []
+    cmd += ["--dpo-sft-weight", str(dpo_sft_weight)] if dpo_sft_weight is not None else []
+    done = subprocess.run([*cmd, "--", *overrides], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark run {stage}/{side} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    import datasets
+    import transformers
+
+    parser = argparse.ArgumentParser(description="one timed run of the step benchmark (see alignment.bench)")
+    parser.add_argument("--stage", choices=STAGES, required=True)
+    parser.add_argument("--side", choices=("ours", "trl"), required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--warmup", type=int, required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--device", choices=("cpu", "cuda"), required=True)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--dpo-sft-weight", type=float, default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    cfg = bench_config(tiny=args.tiny, dpo_sft_weight=args.dpo_sft_weight, rows_for_steps=args.warmup + args.steps,
+                       overrides=args.overrides)
+    with tempfile.TemporaryDirectory(prefix="alignment_bench_") as tmp:
+        workload = build_workload(cfg, work_dir=Path(tmp))
+        result = timed_run(args.stage, args.side, workload, steps=args.steps, warmup=args.warmup, threads=args.threads,
+                           device=args.device, run_dir=Path(tmp) / "run")
+    args.out.write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,6 +28,7 @@ from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, S
 
 from alignment import embedded, lora
 from alignment.config import AlignmentConfig
+from alignment.run import compose_config
 from alignment.data import load_suite, sft_data
 from alignment.evaluate import user_turn
 from alignment.dpo import build_dpo_trainer
@@ -38,6 +39,20 @@ from alignment.suite import corrupt
 
 STAGES = ("sft", "reward", "dpo")
 SIDES = ("ours", "trl")
+
+TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
+        "sft.per_device_batch_size=8", "reward.per_device_batch_size=8", "dpo.per_device_batch_size=8", "data.suite.n_eval=14"]
+
+
+def bench_config(*, tiny: bool, dpo_sft_weight: float | None, rows_for_steps: int, overrides: list[str]) -> AlignmentConfig:
+    """The default recipe's config, with enough suite rows for ``rows_for_steps`` optimiser
+    steps of every stage and the benchmark's overrides (tiny sizes, DPO's RPO weight, the user's)."""
+    base = ["+recipe=sft_then_dpo", "logger=none", *(TINY if tiny else [])]
+    if dpo_sft_weight is not None:
+        base.append(f"dpo.sft_loss_weight={dpo_sft_weight}")
+    cfg = compose_config([*base, *overrides])
+    biggest_batch = max(getattr(cfg, s).per_device_batch_size * getattr(cfg, s).gradient_accumulation_steps for s in STAGES)
+    return compose_config([*base, f"data.suite.n_train={rows_for_steps * biggest_batch}", *overrides])
 
 
 @dataclass
