@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             from alignment.bench import mfu
 
             report["mfu"] = mfu.measure(device=args.device, size="tiny" if args.tiny else "0.5b", stages=["sft", "dpo"],
-                                        steps=args.steps, warmup=args.warmup, batch=8, seq_tokens=1024, threads=threads)
+                                        steps=args.steps, warmup=args.warmup, batch=4 if args.tiny else 8,
+                                        seq_tokens=64 if args.tiny else 1024, threads=threads)
             mfu.print_table(report["mfu"])
     report["wall_seconds"] = time.monotonic() - started
     args.out.write_text(json.dumps(report, indent=2))

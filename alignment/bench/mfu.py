@@ -49,7 +49,7 @@ import transformers
 from datasets import Dataset
 
 from alignment import embedded
-from alignment.bench.steps import RssSampler, StepClock, _count_tokens_and_first_loss
+from alignment.bench.steps import RssSampler, StepClock, count_tokens_and_first_loss
 from alignment.dpo import build_dpo_trainer
 from alignment.run import compose_config, threads_per_process
 from alignment.sft import build_sft_trainer
@@ -121,7 +121,7 @@ def _build_trainer(stage: str, cfg, *, init_dir: Path, run_dir: Path, rows: Data
 def _timed_stage(trainer, *, stage: str, device: str, steps: int, warmup: int, model_info: dict, peak_tflops: float) -> dict[str, Any]:
     clock, tokens, first_loss = StepClock(), [], []
     trainer.add_callback(clock)
-    _count_tokens_and_first_loss(trainer, tokens, first_loss)
+    count_tokens_and_first_loss(trainer, tokens, first_loss)
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -81,7 +81,7 @@ class RssSampler:
         self.peak_bytes = max(self.peak_bytes, self.rss_bytes())
 
 
-def _count_tokens_and_first_loss(trainer, tokens_per_step: list[int], first_loss: list[float]) -> None:
+def count_tokens_and_first_loss(trainer, tokens_per_step: list[int], first_loss: list[float]) -> None:
     """Wrap the trainer's ``compute_loss`` (this instance only) to count real tokens per step
     and keep the loss of the first micro-batch, computed before any update."""
     inner = trainer.compute_loss
@@ -114,7 +114,7 @@ def timed_run(stage: str, side: str, w: Workload, *, steps: int, warmup: int, th
     trainer = build_trainer(stage, side, w, max_steps=warmup + steps, run_dir=run_dir, device=device)
     clock, tokens, first_loss = StepClock(), [], []
     trainer.add_callback(clock)
-    _count_tokens_and_first_loss(trainer, tokens, first_loss)
+    count_tokens_and_first_loss(trainer, tokens, first_loss)
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
