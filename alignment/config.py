@@ -211,6 +211,11 @@ class DPOConfig(TrainConfig):
     # Razin et al. 2024); the NLL term anchors the chosen answer. On the embedded default it
     # made DPO's gain steady across runs instead of hit-or-miss.
     sft_loss_weight: float = 1.0
+    # Reference log-probs computed once before training (TRL's precompute_ref_log_probs) instead
+    # of a reference forward in every step; no reference model is held meanwhile, which frees
+    # its memory on a GPU. None: when it saves work, i.e. num_epochs > 1 (each pair's reference
+    # pass then runs once, not once per epoch).
+    precompute_ref_log_probs: Optional[bool] = None
     pairs: PairsConfig = field(default_factory=PairsConfig)
     # Who labels sampled pairs on the suite: "verifier" (exact), "reward" (the reward model of an
     # earlier stage, as large pipelines do), or "auto" (the reward model when the chain has one).

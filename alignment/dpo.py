@@ -60,9 +60,7 @@ def train_dpo(cfg, ctx: StageContext) -> StageResult:
     if path is not None:  # checked before any model loads
         file_data = preference_file_data(data_cfg, path=path, seed=ctx.cfg.seed, tokenizer=tokenizer, max_seq_tokens=cfg.max_seq_tokens)
     model, tokenizer = load_policy(ctx, tokenizer)
-    # With LoRA and ref_model=None, TRL computes the reference on this same model through a frozen
-    # copy of the starting adapter (for a fresh adapter, zero: the base): no second model.
-    reference = None if lora.is_peft(model) else copy.deepcopy(model).eval().requires_grad_(False)
+    reference = reference_model(cfg, model)
     reward_model = None
     data = file_data
     if data is None:
@@ -75,10 +73,26 @@ def train_dpo(cfg, ctx: StageContext) -> StageResult:
     metrics = train_metrics(output, trainer.state.log_history)
     if ctx.cfg.eval.enabled:
         policy = unsharded(trainer.model, checkpoint, loader=AutoModelForCausalLM)
-        reference = lora.ReferenceView(trainer.model) if reference is None else reference
+        if reference is None:  # LoRA: the adapter-disabled model; precomputed: the parent, loaded again
+            reference = lora.ReferenceView(trainer.model) if lora.is_peft(trainer.model) else load_policy(ctx, tokenizer, trainable=False)[0]
         reference = unsharded(reference, ctx.start.path, loader=AutoModelForCausalLM)
         metrics.update(_stage_metrics(cfg, ctx, policy, reference, tokenizer, data, reward_model))
     return ctx_result(ctx, cfg, checkpoint=checkpoint, checkpoint_hash=checkpoint_hash, data=data, metrics=metrics)
+
+
+def precompute_reference(cfg) -> bool:
+    """Whether the reference log-probs are computed once before training (``dpo.precompute_ref_log_probs``)."""
+    return cfg.num_epochs > 1 if cfg.precompute_ref_log_probs is None else cfg.precompute_ref_log_probs
+
+
+def reference_model(cfg, model):
+    """The frozen reference DPO trains against, or None when TRL needs no second model: with
+    LoRA it computes the reference on this same model through a frozen copy of the starting
+    adapter (for a fresh adapter, zero: the base); with precomputed log-probs it reads the
+    policy once before training."""
+    if lora.is_peft(model) or precompute_reference(cfg):
+        return None
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def build_dpo_trainer(cfg, ctx: StageContext, model, reference, tokenizer, rows, **overrides) -> DPOTrainer:
@@ -88,7 +102,8 @@ def build_dpo_trainer(cfg, ctx: StageContext, model, reference, tokenizer, rows,
     losses = {"loss_type": [cfg.loss_type]}
     if cfg.sft_loss_weight > 0:
         losses = {"loss_type": [cfg.loss_type, "sft"], "loss_weights": [1.0, cfg.sft_loss_weight]}
-    args = TRLDPOConfig(**{**trainer_kwargs(cfg, ctx), **overrides}, beta=cfg.beta, **losses)
+    args = TRLDPOConfig(**{**trainer_kwargs(cfg, ctx), **overrides}, beta=cfg.beta,
+                        precompute_ref_log_probs=precompute_reference(cfg), **losses)
     trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=rows, processing_class=tokenizer)
     fused_head.score_labelled_only(trainer)
     return trainer

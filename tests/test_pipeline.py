@@ -163,3 +163,10 @@ def test_sft_rm_dpo_labels_pairs_with_the_reward_model(run_recipe):
     _, (sft, reward, dpo) = run_recipe("sft_rm_dpo", *RM)
     assert dpo.parent_stage == "sft" and dpo.inputs["reward_model"]["hash"] == reward.checkpoint_hash
     assert dpo.data["labels"] == "reward_model" and "pair_label_agreement" in dpo.metrics
+
+
+def test_dpo_with_precomputed_reference_evaluates_against_the_parent(run_recipe):
+    # No reference model is held while training; the evaluation loads the parent again.
+    cfg, (sft, dpo) = run_recipe("sft_then_dpo", "dpo.precompute_ref_log_probs=true")
+    assert dpo.status == "complete" and dpo.config["precompute_ref_log_probs"] is True
+    assert 0.0 <= dpo.metrics["reward_accuracy"] <= 1.0 and math.isfinite(dpo.metrics["kl_to_parent"])

@@ -6,7 +6,9 @@ data loading and whatever the trainer does between steps, as a user's run would.
 ``warmup`` steps are dropped (allocator, kernel selection, lazy initialisation). Tokens are the
 non-pad tokens of every micro-batch the loss saw (see ``real_tokens``), counted by
 wrapping ``compute_loss``; for DPO a pair's chosen and rejected sequences both count, and the
-reference model's forward pass over them is part of the step's time, not extra tokens.
+reference model's forward pass over them is part of the step's time, not extra tokens. With
+``dpo.precompute_ref_log_probs`` the reference pass runs once, over every row, while the trainer
+is built: the timed steps are charged their share of it (steps / (warmup + steps)).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over ``train()``; on CPU the process's
 resident set (read from /proc every few milliseconds) at its highest during ``train()``, minus
@@ -20,6 +22,7 @@ no memory freed by an earlier run is reused unseen; ``--in-process`` trades that
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -111,7 +114,8 @@ def real_tokens(inputs: dict[str, Any], *, pad_token_id: int) -> int:
 def timed_run(stage: str, side: str, w: Workload, *, steps: int, warmup: int, threads: int, device: str, run_dir: Path) -> dict[str, Any]:
     """Train ``warmup + steps`` steps from fresh weights; numbers for the last ``steps``."""
     torch.set_num_threads(threads)
-    trainer = build_trainer(stage, side, w, max_steps=warmup + steps, run_dir=run_dir, device=device)
+    with _timed_precompute() as precompute_seconds:
+        trainer = build_trainer(stage, side, w, max_steps=warmup + steps, run_dir=run_dir, device=device)
     clock, tokens, first_loss = StepClock(), [], []
     trainer.add_callback(clock)
     count_tokens_and_first_loss(trainer, tokens, first_loss)
@@ -123,6 +127,9 @@ def timed_run(stage: str, side: str, w: Workload, *, steps: int, warmup: int, th
         trainer.train()
     step_seconds = [b - a for a, b in zip(clock.marks, clock.marks[1:])][warmup:]
     timed_tokens = tokens[warmup : warmup + steps]
+    # Precomputed reference log-probs (DPO) are a one-off pass over every training row, made
+    # while the trainer is built: the timed steps carry their share of it.
+    precompute_share = sum(precompute_seconds) * steps / (warmup + steps)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak_bytes - before
     args = trainer.args
     result = {
@@ -130,7 +137,8 @@ def timed_run(stage: str, side: str, w: Workload, *, steps: int, warmup: int, th
         "side": side,
         "step_seconds": step_seconds,
         "tokens": timed_tokens,
-        "tokens_per_second": sum(timed_tokens) / sum(step_seconds),
+        "tokens_per_second": sum(timed_tokens) / (sum(step_seconds) + precompute_share),
+        "precompute_seconds": sum(precompute_seconds),
         "first_loss": first_loss[0],
         "peak_memory_mb": peak / 2**20,
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
@@ -140,6 +148,28 @@ def timed_run(stage: str, side: str, w: Workload, *, steps: int, warmup: int, th
     del trainer
     shutil.rmtree(run_dir, ignore_errors=True)
     return result
+
+
+@contextlib.contextmanager
+def _timed_precompute():
+    """Seconds spent in TRL's DPO reference precompute while the block runs (a list, filled in)."""
+    from trl import DPOTrainer
+
+    seconds: list[float] = []
+    inner = DPOTrainer._precompute_ref_logps
+
+    def timed(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return inner(self, *args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - started)
+
+    DPOTrainer._precompute_ref_logps = timed
+    try:
+        yield seconds
+    finally:
+        DPOTrainer._precompute_ref_logps = inner
 
 
 def spread(values: list[float]) -> dict[str, float]:

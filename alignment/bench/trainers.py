@@ -31,7 +31,7 @@ from alignment.config import AlignmentConfig
 from alignment.run import compose_config
 from alignment.data import load_suite, sft_data
 from alignment.evaluate import user_turn
-from alignment.dpo import build_dpo_trainer
+from alignment.dpo import build_dpo_trainer, reference_model
 from alignment.reward import build_reward_trainer, load_reward_model
 from alignment.sft import build_sft_trainer
 from alignment.stage import StageContext, StartPoint, load_policy
@@ -127,8 +127,7 @@ def _ours(stage: str, cfg, w: Workload, *, max_steps: int, run_dir: Path, device
         model = lora.attach(model, w.cfg, task=lora.SEQ_CLS, adapter=None)
         return build_reward_trainer(cfg, ctx, model, tokenizer, w.pair_rows, **overrides)
     model, tokenizer = load_policy(ctx, tokenizer)
-    reference = None if lora.is_peft(model) else copy.deepcopy(model).eval().requires_grad_(False)
-    return build_dpo_trainer(cfg, ctx, model, reference, tokenizer, w.pair_rows, **overrides)
+    return build_dpo_trainer(cfg, ctx, model, reference_model(cfg, model), tokenizer, w.pair_rows, **overrides)
 
 
 def same_objective(stage: str, cfg: AlignmentConfig) -> bool:
