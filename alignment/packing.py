@@ -36,10 +36,12 @@ _PLAN = "_alignment_pack_plan"
 # A pair shares its prefix only from this many tokens: shorter ones save less than the 4D
 # attention mask they need costs to build.
 MIN_SHARED_TOKENS = 8
-# Packed rows are this many times the batch's longest unit: sequences of about half the longest
-# then pair up in a row. Wider rows waste less on the tail but cost more in dense (SDPA-mask)
-# attention, which grows with rows x width^2; varlen flash attention does not care.
+# Packed rows are this many times the batch's longest unit while that is short: sequences of
+# about half the longest then pair up in a row. Wider rows waste less on the tail but cost more
+# in dense (SDPA-mask) attention, which grows with rows x width^2 and dominates long rows;
+# varlen flash attention does not care.
 ROW_WIDTH_FACTOR = 2
+WIDE_ROWS_UP_TO = 512  # tokens
 # Attention implementations that take a custom 4D mask (a shared prefix needs one).
 _MASKABLE = ("sdpa", "eager")
 # Packed and padded outputs of the self-check agree to this (float32; bf16 needs the looser one).
@@ -98,7 +100,8 @@ def plan(attention_mask: torch.Tensor, input_ids: torch.Tensor | None = None) ->
     units = [(i, None, 0) for i in range(batch) if not (shared[i] or (i >= half and shared[i - half]))]
     units += [(i, i + half, shared[i]) for i in range(half) if shared[i]]
     size = [lengths[a] + (lengths[b] - n if b is not None else 0) for a, b, n in units]
-    width = ROW_WIDTH_FACTOR * max([length, *size])
+    longest = max([length, *size])
+    width = longest * (ROW_WIDTH_FACTOR if longest <= WIDE_ROWS_UP_TO else 1)
     rows: list[list[int]] = []  # unit ids per row
     free: list[int] = []
     for u in sorted(range(len(units)), key=lambda u: -size[u]):  # first fit, longest first
@@ -112,44 +115,53 @@ def plan(attention_mask: torch.Tensor, input_ids: torch.Tensor | None = None) ->
             free.append(width - size[u])
     if len(rows) * width >= batch * length and not any(shared):  # no position saved
         return None
-    pack_src, pack_dst, unpack_src, unpack_dst = [], [], [], []
-    position_ids = [[0] * width for _ in rows]
-    unit_of = [[-1] * width for _ in rows]  # per slot: which unit (the tail: -1 - row)
-    branch = [[0] * width for _ in rows]  # 0 prefix or lone sequence, 1 first rest, 2 second rest
+    # Pieces: contiguous runs of tokens, (first slot, count, source row or -1 for a row's tail,
+    # first position, second reader: the pair's second row for a shared prefix, else -1).
+    pieces = []
+    blocks = []  # per unit and tail: (row, first slot, end slot, hidden) in row-local slots; hidden:
+    # the (second rest, first rest) rectangle a pair's second row must not see
     for r, unit_ids in enumerate(rows):
-        at = 0
+        at = r * width
         for u in unit_ids:
             a, b, n = units[u]
-            pieces = [(a, 0, lengths[a], 0)] if b is None else [(a, 0, n, 0), (a, n, lengths[a], 1), (b, n, lengths[b], 2)]
-            for row, lo, hi, br in pieces:
-                for t in range(lo, hi):
-                    slot = r * width + at
-                    pack_src.append(row * length + t)
-                    pack_dst.append(slot)
-                    unpack_src.append(slot)
-                    unpack_dst.append(row * length + t)
-                    if br == 0 and b is not None:  # the prefix is read by the pair's second row too
-                        unpack_src.append(slot)
-                        unpack_dst.append(b * length + t)
-                    position_ids[r][at], unit_of[r][at], branch[r][at] = t, u, br
-                    at += 1
-        for i, slot in enumerate(range(at, width)):  # the tail: its own segment, attended by nobody
-            position_ids[r][slot], unit_of[r][slot] = i, -1 - r
+            runs = [(a, 0, lengths[a], -1)] if b is None else [(a, 0, n, b), (a, n, lengths[a], -1), (b, n, lengths[b], -1)]
+            start = at
+            for row, lo, hi, second in runs:
+                pieces.append((at, hi - lo, row, lo, second))
+                at += hi - lo
+            rest = None if b is None else (start + lengths[a] - r * width, at - r * width, start + n - r * width)
+            blocks.append((r, start - r * width, at - r * width, rest))
+        pieces.append((at, (r + 1) * width - at, -1, 0, -1))
+        blocks.append((r, at - r * width, width, None))
     device = attention_mask.device
+    slot, count, row, first, second = (torch.tensor(c, dtype=torch.long) for c in zip(*pieces))
+    real, shared_prefix = row >= 0, second >= 0
+    pack_src = _ranges(row[real] * length + first[real], count[real])
+    pack_dst = _ranges(slot[real], count[real])
+    unpack_src = torch.cat([pack_dst, _ranges(slot[shared_prefix], count[shared_prefix])])
+    unpack_dst = torch.cat([pack_src, _ranges(second[shared_prefix] * length + first[shared_prefix], count[shared_prefix])])
+    every_slot = _ranges(slot, count)
+    position_ids = torch.empty(len(rows) * width, dtype=torch.long)
+    position_ids[every_slot] = _ranges(first, count)
     attend = None
-    if any(shared):
-        unit = torch.tensor(unit_of, device=device)
-        br = torch.tensor(branch, device=device)
+    if any(shared):  # causal blocks per unit (and per tail), less each pair's hidden rectangle
         causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-        same_unit = unit[:, :, None] == unit[:, None, :]
-        branch_ok = (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])
-        attend = (same_unit & branch_ok & causal)[:, None]
+        attend = torch.zeros(len(rows), 1, width, width, dtype=torch.bool, device=device)
+        for r, lo, hi, rest in blocks:
+            attend[r, 0, lo:hi, lo:hi] = causal[: hi - lo, : hi - lo]
+            if rest is not None:  # rows of the second rest, columns of the first rest
+                first_rest_end, second_rest_end, first_rest_start = rest
+                attend[r, 0, first_rest_end:second_rest_end, first_rest_start:first_rest_end] = False
+    return PackPlan(batch, length, len(rows), width, pack_src.to(device), pack_dst.to(device), unpack_src.to(device),
+                    unpack_dst.to(device), position_ids.view(len(rows), width).to(device), attend)
 
-    def tensor(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
 
-    return PackPlan(batch, length, len(rows), width, tensor(pack_src), tensor(pack_dst), tensor(unpack_src),
-                    tensor(unpack_dst), torch.tensor(position_ids, device=device), attend)
+def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``cat([arange(s, s + c) for s, c in zip(starts, counts)])``, without the Python loop."""
+    if counts.numel() == 0:
+        return torch.empty(0, dtype=torch.long)
+    offsets = starts - (counts.cumsum(0) - counts)
+    return torch.repeat_interleave(offsets, counts) + torch.arange(int(counts.sum()))
 
 
 def pack(values: torch.Tensor, p: PackPlan, *, fill: int | float = 0) -> torch.Tensor:

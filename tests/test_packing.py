@@ -59,6 +59,15 @@ def test_plan_shares_a_pair_prefix_by_hand():
     assert len(p.unpack_dst) == 19 and len(set(p.unpack_src.tolist())) == 11
 
 
+def test_long_rows_are_not_widened():
+    # Past WIDE_ROWS_UP_TO tokens, dense attention over wider rows would cost more than the tail
+    # it saves: rows stay as wide as the longest sequence (600), and 100 + 50 share the second.
+    mask = (torch.arange(600)[None] < torch.tensor([[600], [100], [50]])).long()
+    p = packing.plan(mask)
+    assert (p.rows, p.width) == (2, 600)
+    assert p.position_ids[1, 98:102].tolist() == [98, 99, 0, 1]
+
+
 @pytest.mark.parametrize("mask", [torch.ones(2, 4, dtype=torch.long), torch.tensor([[0, 1, 1], [1, 1, 1]])],
                          ids=["no padding", "left padding"])
 def test_nothing_to_pack(mask):
