@@ -242,8 +242,8 @@ def _value_model(cfg, ctx: StageContext, reward_path: str):
     else:
         with distributed.whole_loading():
             model = AutoModelForSequenceClassification.from_pretrained(ctx.start.path, num_labels=1)
+        padding_free(model, ctx.cfg.model)  # load_reward_model's models have it already
     model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    padding_free(model, ctx.cfg.model)
     return lora.unwrap(lora.attach(model, ctx.cfg, task=lora.SEQ_CLS, adapter=None))  # token_values reads .score
 
 

@@ -31,7 +31,6 @@ are seeded random letters of seq_tokens/2..seq_tokens-8 tokens (the tokenizer is
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import math
@@ -49,8 +48,8 @@ import transformers
 from datasets import Dataset
 
 from alignment import embedded
-from alignment.bench.steps import RssSampler, StepClock, count_tokens_and_first_loss
-from alignment.dpo import build_dpo_trainer
+from alignment.bench.steps import train_and_measure
+from alignment.dpo import build_dpo_trainer, reference_model
 from alignment.run import compose_config, threads_per_process
 from alignment.sft import build_sft_trainer
 from alignment.stage import StageContext, StartPoint, load_policy
@@ -114,22 +113,11 @@ def _build_trainer(stage: str, cfg, *, init_dir: Path, run_dir: Path, rows: Data
     model, tokenizer = load_policy(ctx, embedded.build_tokenizer())
     if stage == "sft":
         return build_sft_trainer(cfg.sft, ctx, model, tokenizer, rows, **overrides)[0]
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
-    return build_dpo_trainer(cfg.dpo, ctx, model, reference, tokenizer, rows, **overrides)
+    return build_dpo_trainer(cfg.dpo, ctx, model, reference_model(cfg.dpo, model), tokenizer, rows, **overrides)
 
 
 def _timed_stage(trainer, *, stage: str, device: str, steps: int, warmup: int, model_info: dict, peak_tflops: float) -> dict[str, Any]:
-    clock, tokens, first_loss = StepClock(), [], []
-    trainer.add_callback(clock)
-    count_tokens_and_first_loss(trainer, tokens, first_loss)
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    before = RssSampler.rss_bytes()
-    with RssSampler() as rss:
-        trainer.train()
-    step_seconds = [b - a for a, b in zip(clock.marks, clock.marks[1:])][warmup:]
-    timed_tokens = tokens[warmup : warmup + steps]
+    step_seconds, timed_tokens, first_loss, peak = train_and_measure(trainer, steps=steps, warmup=warmup, device=device)
     # Every step trains on exactly one batch of rows (rows are never cut): DPO's has two sequences a row.
     sequences = steps * trainer.args.per_device_train_batch_size * (2 if stage == "dpo" else 1)
     mean_seq = sum(timed_tokens) / sequences
@@ -137,11 +125,10 @@ def _timed_stage(trainer, *, stage: str, device: str, steps: int, warmup: int, m
                                 d_model=model_info["d_model"], mean_seq_tokens=mean_seq)
     tokens_per_second = sum(timed_tokens) / sum(step_seconds)
     achieved = tokens_per_second * per_token / 1e12
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak_bytes - before
     return {
         "stage": stage, "tokens_per_second": tokens_per_second, "mean_seq_tokens": mean_seq,
         "flops_per_token": per_token, "achieved_tflops": achieved, "mfu": achieved / peak_tflops,
-        "peak_memory_mb": peak / 2**20, "first_loss": first_loss[0], "step_seconds": step_seconds, "tokens": timed_tokens,
+        "peak_memory_mb": peak / 2**20, "first_loss": first_loss, "step_seconds": step_seconds, "tokens": timed_tokens,
     }
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from alignment.bench.trainers import bench_config, build_workload
+from alignment.bench.trainers import TINY_MODEL, bench_config, build_workload
 from alignment.run import compose_config
 from alignment.stage import StageContext, StartPoint
 
@@ -40,8 +40,7 @@ def ppo_phases(*, steps: int, warmup: int, threads: int, tiny: bool, overrides: 
     base = ["+recipe=sft_rm_ppo", "logger=none", "eval.enabled=false", f"ppo.num_rollouts={warmup + steps}",
             "ppo.save_every_n_steps=0", f"ppo.reward_from={init}"]
     if tiny:
-        base += ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
-                 "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.max_new_tokens=8"]
+        base += [*TINY_MODEL, "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.max_new_tokens=8"]
     cfg = compose_config([*base, *overrides])
     stage_dir = work_dir / "ppo"
     stage_dir.mkdir(parents=True, exist_ok=True)

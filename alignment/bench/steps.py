@@ -111,11 +111,9 @@ def real_tokens(inputs: dict[str, Any], *, pad_token_id: int) -> int:
     return int((inputs["input_ids"] != pad_token_id).sum())
 
 
-def timed_run(stage: str, side: str, w: Workload, *, steps: int, warmup: int, threads: int, device: str, run_dir: Path) -> dict[str, Any]:
-    """Train ``warmup + steps`` steps from fresh weights; numbers for the last ``steps``."""
-    torch.set_num_threads(threads)
-    with _timed_precompute() as precompute_seconds:
-        trainer = build_trainer(stage, side, w, max_steps=warmup + steps, run_dir=run_dir, device=device)
+def train_and_measure(trainer, *, steps: int, warmup: int, device: str) -> tuple[list[float], list[int], float, int]:
+    """Run ``trainer.train()`` (``warmup + steps`` steps); the last ``steps`` steps' seconds and
+    real tokens, the first micro-batch's loss, and peak memory in bytes (see the module docstring)."""
     clock, tokens, first_loss = StepClock(), [], []
     trainer.add_callback(clock)
     count_tokens_and_first_loss(trainer, tokens, first_loss)
@@ -126,11 +124,19 @@ def timed_run(stage: str, side: str, w: Workload, *, steps: int, warmup: int, th
     with RssSampler() as rss:
         trainer.train()
     step_seconds = [b - a for a, b in zip(clock.marks, clock.marks[1:])][warmup:]
-    timed_tokens = tokens[warmup : warmup + steps]
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak_bytes - before
+    return step_seconds, tokens[warmup : warmup + steps], first_loss[0], peak
+
+
+def timed_run(stage: str, side: str, w: Workload, *, steps: int, warmup: int, threads: int, device: str, run_dir: Path) -> dict[str, Any]:
+    """Train ``warmup + steps`` steps from fresh weights; numbers for the last ``steps``."""
+    torch.set_num_threads(threads)
+    with _timed_precompute() as precompute_seconds:
+        trainer = build_trainer(stage, side, w, max_steps=warmup + steps, run_dir=run_dir, device=device)
+    step_seconds, timed_tokens, first_loss, peak = train_and_measure(trainer, steps=steps, warmup=warmup, device=device)
     # Precomputed reference log-probs (DPO) are a one-off pass over every training row, made
     # while the trainer is built: the timed steps carry their share of it.
     precompute_share = sum(precompute_seconds) * steps / (warmup + steps)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak_bytes - before
     args = trainer.args
     result = {
         "stage": stage,
@@ -139,7 +145,7 @@ def timed_run(stage: str, side: str, w: Workload, *, steps: int, warmup: int, th
         "tokens": timed_tokens,
         "tokens_per_second": sum(timed_tokens) / (sum(step_seconds) + precompute_share),
         "precompute_seconds": sum(precompute_seconds),
-        "first_loss": first_loss[0],
+        "first_loss": first_loss,
         "peak_memory_mb": peak / 2**20,
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         "gradient_checkpointing": bool(args.gradient_checkpointing),

@@ -40,8 +40,8 @@ from alignment.suite import corrupt
 STAGES = ("sft", "reward", "dpo")
 SIDES = ("ours", "trl")
 
-TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
-        "sft.per_device_batch_size=8", "reward.per_device_batch_size=8", "dpo.per_device_batch_size=8", "data.suite.n_eval=14"]
+TINY_MODEL = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64"]
+TINY = [*TINY_MODEL, "sft.per_device_batch_size=8", "reward.per_device_batch_size=8", "dpo.per_device_batch_size=8", "data.suite.n_eval=14"]
 
 
 def bench_config(*, tiny: bool, dpo_sft_weight: float | None, rows_for_steps: int, overrides: list[str]) -> AlignmentConfig:
