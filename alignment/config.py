@@ -12,15 +12,22 @@ Hydra composes the config, before anything is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
-STAGES = ("sft", "reward", "dpo", "ppo")
 
 
-class ConfigError(ValueError):
-    """A config the run cannot use; the message names the key and the recipe."""
+
+def shipped_dir(package: str, source_dir: str) -> Path:
+    """Where conf/, recipes/ or slurm/ are: inside the installed package (``alignment.conf``),
+    or, when this is a source checkout imported without installing it, the repository's top level."""
+    try:
+        return Path(str(resources.files(package)))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / source_dir
 
 
 @dataclass
@@ -52,7 +59,7 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"
     # Run the transformer on real tokens only: each right-padded batch is repacked into fewer
-    # rows of whole sequences with per-sequence position ids (alignment/packing.py). Same loss
+    # rows of whole sequences with per-sequence position ids (alignment/modeling/packing.py). Same loss
     # and gradients as the padded batch, a third fewer positions on the task suite.
     padding_free: bool = True
     # Architecture of the embedded model (used only when name_or_path is unset).
@@ -63,14 +70,14 @@ class ModelConfig:
     max_position_embeddings: int = 256
     init_seed: int = 0
     # Parameter-efficient training for every stage: None (full fine-tuning), "lora", or "qlora"
-    # (LoRA on a 4-bit base through bitsandbytes; needs a CUDA GPU). See alignment/lora.py.
+    # (LoRA on a 4-bit base through bitsandbytes; needs a CUDA GPU). See alignment/modeling/lora.py.
     peft: Optional[str] = None
     lora: LoraConfig = field(default_factory=lambda: LoraConfig())
 
 
 @dataclass
 class SuiteConfig:
-    """The built-in instruction task suite (alignment.suite), generated from a seed."""
+    """The built-in instruction task suite (alignment/data/suite/), generated from a seed."""
 
     seed: int = 0
     n_train: int = 48000  # training prompts (instances may repeat when a family is small)
@@ -109,10 +116,10 @@ class DataConfig:
     #   data.sources='[{path: a.jsonl, weight: 0.7}, {path: b.json, weight: 0.3}]'
     sources: List[SourceConfig] = field(default_factory=list)
     mixture_size: Optional[int] = None  # rows in the mixture; None: the sources' total
-    format: Optional[str] = None  # None: detected from the first row (see alignment/formats.py)
+    format: Optional[str] = None  # None: detected from the first row (see alignment/data/formats.py)
     columns: Optional[Dict[str, str]] = None  # e.g. {prompt: question, completion: answer}
     split: str = "train"
-    # Checks before training (alignment/checks.py): rows longer than the stage's max_seq_tokens
+    # Checks before training (alignment/data/checks.py): rows longer than the stage's max_seq_tokens
     # are dropped, truncated (kept if a response token survives) or an error; a run whose
     # degenerate and dropped rows exceed max_drop_share stops.
     over_length: str = "truncate"  # drop | truncate | error
@@ -123,27 +130,14 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Optimisation knobs shared by every trained stage."""
+class StageConfig:
+    """What every stage reads: its start, its data, its optimiser and its mid-stage checkpoints."""
 
     learning_rate: float = 1e-4
-    per_device_batch_size: int = 32
-    gradient_accumulation_steps: int = 1
-    # Optional: the sequences per optimiser step you intend. When set it must equal
-    # per_device_batch_size x gradient_accumulation_steps x processes, checked before launch.
-    global_batch_size: Optional[int] = None
-    num_epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides num_epochs
-    warmup_ratio: float = 0.05
-    lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95  # 0.95, not torch's 0.999: steadier for short runs at high learning rates
     max_grad_norm: float = 1.0
-    # Recompute activations in the backward pass: less memory, about a third more compute. Off
-    # unless memory needs it (TRL's configs turn it on by default; we say it here instead).
-    gradient_checkpointing: bool = False
-    max_seq_tokens: int = 128  # prompt + response, in tokens
     logging_every_n_steps: int = 10
     # Starting checkpoint: None takes the parent stage's checkpoint (or model.* for the first
     # stage); a path to an HF directory or a previous stage's directory overrides it.
@@ -157,6 +151,25 @@ class TrainConfig:
     # Resume from this mid-stage checkpoint instead of the newest complete one (a path); a
     # checkpoint that is partial or from other inputs is then an error, not skipped.
     resume_from: Optional[str] = None
+
+
+@dataclass
+class TrainConfig(StageConfig):
+    """A stage trained by a TRL trainer over a dataset: batches, epochs, schedule, lengths."""
+
+    per_device_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    # Optional: the sequences per optimiser step you intend. When set it must equal
+    # per_device_batch_size x gradient_accumulation_steps x processes, checked before launch.
+    global_batch_size: Optional[int] = None
+    num_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_epochs
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "cosine"
+    # Recompute activations in the backward pass: less memory, about a third more compute. Off
+    # unless memory needs it (TRL's configs turn it on by default; we say it here instead).
+    gradient_checkpointing: bool = False
+    max_seq_tokens: int = 128  # prompt + response, in tokens
 
 
 @dataclass
@@ -224,14 +237,18 @@ class DPOConfig(TrainConfig):
 
 
 @dataclass
-class PPOConfig(TrainConfig):
+class PPOConfig(StageConfig):
     """PPO against a reward model (Ziegler et al. 2019; Ouyang et al. 2022), written here in TRL's
-    spirit: maths in alignment.ppo_math, a readable loop in alignment.ppo."""
+    spirit: maths in alignment/stages/ppo/maths.py, a readable loop in alignment/stages/ppo/loop.py."""
 
     learning_rate: float = 1e-5  # 1e-4 lowered gold accuracy on the embedded default; 1e-5 raised it
     num_rollouts: int = 80  # rollout batches; each is followed by ppo_epochs of updates
     rollout_batch_size: int = 64  # prompts per rollout
     mini_batch_size: int = 16  # rollouts per optimiser step
+    # Rows per forward (and backward) on each process, for scoring rollouts and for training;
+    # a mini-batch share larger than this is split and its gradients accumulated. None: the
+    # whole share at once. Same result either way; smaller bounds activation memory.
+    micro_batch_size: Optional[int] = None
     ppo_epochs: int = 2
     temperature: float = 1.0
     max_new_tokens: int = 16
@@ -253,6 +270,9 @@ class PPOConfig(TrainConfig):
     reward_from: Optional[str] = None  # a reward stage or HF dir; default: the chain's reward stage
     stop_on_hacking: bool = False  # the health check warns; with this it also stops the stage
     n_prompts: int = 4000  # training prompts drawn from the suite (or the prompt file)
+    # Prompt files are checked like every data file (alignment/data/checks.py); a longer prompt
+    # follows data.over_length (truncate keeps its last max_prompt_tokens tokens).
+    max_prompt_tokens: int = 128
 
 @dataclass
 class EvalConfig:
@@ -273,7 +293,7 @@ class DeepSpeedConfig:
 
     Stage 1 shards optimizer states, 2 also gradients, 3 also the parameters; offload moves
     optimizer states (and with ``offload_params`` the parameters) to CPU memory. The DeepSpeed
-    JSON is built from this and the stage's TrainConfig (alignment/distributed.py), so batch
+    JSON is built from this and the stage's TrainConfig (alignment/scale/distributed.py), so batch
     sizes, learning rate and clipping are said once, here.
     """
 
@@ -347,7 +367,7 @@ class LoggerConfig:
     ``auto`` (the default) is W&B: online when an API key is configured, otherwise offline
     files in the run directory, never a prompt. ``tensorboard`` writes event files to
     ``<run dir>/tensorboard/<stage>/`` (pip install 'alignment[tensorboard]'); ``none`` logs
-    nothing. See alignment/tracking.py for the metric names.
+    nothing. See alignment/tracking/metric_names.py for the metric names.
     """
 
     name: str = "auto"  # auto | wandb | tensorboard | none

@@ -8,23 +8,25 @@ On the built-in suite each response is scored by the family's exact verifier:
 - the same two split into ``seen``/``unseen`` phrasings and per family;
 - ``response_tokens_mean`` and ``eos_rate`` of the sampled responses.
 
-On a dataset without a verifier only the response statistics are reported.
+On a dataset without a verifier only the response statistics are reported. Beside these, the
+stage-specific held-out metrics live here too: KL to a reference policy, a reward model's score
+of a policy's samples, a reward model's pair accuracy and AUC, and DPO's implicit rewards.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
+import torch
+from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.config import EvalConfig
-from alignment.inference import Generation, Messages, generate, response_logps
-from alignment.suite import Example, verify
-
-
-def user_turn(prompt: str) -> Messages:
-    return [{"role": "user", "content": prompt}]
+from alignment.data.stage_data import HeldOut, user_turn
+from alignment.data.suite import Example, verify
+from alignment.modeling.generation import Generation, Messages, generate
+from alignment.modeling.scoring import response_logps, score_responses
 
 
 def evaluate_policy(
@@ -60,11 +62,16 @@ def evaluate_policy(
     return metrics
 
 
+def evaluate_held_out(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, held: HeldOut, *, cfg: EvalConfig,
+                      seed: int) -> dict[str, Any]:
+    """:func:`evaluate_policy` on a stage's held-out set."""
+    return evaluate_policy(model, tokenizer, cfg=cfg, examples=held.examples, unseen=held.unseen, prompts=held.prompts, seed=seed)
+
+
 def kl_to_reference(policy, reference, tokenizer, held, *, cfg: EvalConfig, seed: int) -> float:
     """Monte-Carlo KL(pi || pi_ref) per response: mean of log pi(y) - log pi_ref(y), y ~ pi, on
     the held-out prompts (``held`` is an ``alignment.data.HeldOut``)."""
-    prompts = [user_turn(e.prompt) for e in held.examples] or list(held.prompts)
-    prompts = prompts[: cfg.n_prompts] if cfg.n_prompts else prompts
+    prompts = held_out_prompts(held, cfg)
     if not prompts:
         return float("nan")
     samples = generate(policy, tokenizer, prompts, num_samples=1, temperature=1.0, max_new_tokens=cfg.max_new_tokens,
@@ -93,9 +100,59 @@ def _gold_metrics(
     return out
 
 
-def example_split(seen: Sequence[Example], unseen: Sequence[Example]) -> list[Example]:
-    """Interleave seen and unseen held-out examples so a prefix (n_prompts) keeps both."""
-    out: list[Example] = []
-    for i in range(max(len(seen), len(unseen))):
-        out.extend(x[i] for x in (seen, unseen) if i < len(x))
-    return out
+def held_out_prompts(held: HeldOut, cfg: EvalConfig) -> list[Messages]:
+    prompts = [user_turn(e.prompt) for e in held.examples] or list(held.prompts)
+    return prompts[: cfg.n_prompts] if cfg.n_prompts else prompts
+
+
+def policy_reward_score(policy, tokenizer, reward_model, held: HeldOut, *, cfg: EvalConfig, seed: int) -> float:
+    """Mean reward-model score of a policy's sampled responses on the held-out prompts."""
+    prompts = held_out_prompts(held, cfg)
+    samples = generate(policy, tokenizer, prompts, num_samples=1, temperature=cfg.temperature,
+                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=seed)
+    scores = score_responses(reward_model, tokenizer, prompts, [s[0].text for s in samples], batch_size=cfg.batch_size)
+    return float(scores.mean()) if len(scores) else float("nan")
+
+
+def pair_metrics(model, tokenizer, pairs: Dataset, *, batch_size: int) -> dict[str, Any]:
+    """A reward model on held-out pairs: pairwise accuracy, mean rewards of chosen and rejected,
+    and the AUC with which its scores separate chosen from rejected responses (over every
+    scored response, each pair contributing one of each)."""
+    prompts = pairs["prompt"]
+    chosen = score_responses(model, tokenizer, prompts, [c[-1]["content"] for c in pairs["chosen"]], batch_size=batch_size)
+    rejected = score_responses(model, tokenizer, prompts, [r[-1]["content"] for r in pairs["rejected"]], batch_size=batch_size)
+    return {
+        "pairwise_accuracy": float((chosen > rejected).float().mean()),
+        "reward_chosen_mean": float(chosen.mean()),
+        "reward_rejected_mean": float(rejected.mean()),
+        "correct_vs_incorrect_auc": roc_auc(positives=chosen, negatives=rejected),
+        "eval_pairs": len(pairs),
+    }
+
+
+def roc_auc(*, positives: torch.Tensor, negatives: torch.Tensor) -> float:
+    """P(score of a random positive > score of a random negative), ties counting half."""
+    if len(positives) == 0 or len(negatives) == 0:
+        return float("nan")
+    diff = positives[:, None] - negatives[None, :]
+    return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
+
+
+def preference_metrics(policy, reference, tokenizer, pairs: Optional[Dataset], *, beta: float, batch_size: int) -> dict[str, Any]:
+    """DPO's implicit reward beta * (log pi - log pi_ref) on held-out pairs: the share of pairs
+    it ranks right and its mean margin."""
+    if pairs is None or len(pairs) == 0:
+        return {}
+    prompts, chosen, rejected = pairs["prompt"], [c[-1]["content"] for c in pairs["chosen"]], [r[-1]["content"] for r in pairs["rejected"]]
+    logp = {
+        name: response_logps(model, tokenizer, prompts, responses, batch_size=batch_size)
+        for name, model, responses in (
+            ("pc", policy, chosen), ("pr", policy, rejected), ("rc", reference, chosen), ("rr", reference, rejected)
+        )
+    }
+    margin = beta * ((logp["pc"] - logp["rc"]) - (logp["pr"] - logp["rr"]))
+    return {
+        "reward_accuracy": float((margin > 0).float().mean()),
+        "reward_margin": float(margin.mean()),
+        "eval_pairs": len(pairs),
+    }

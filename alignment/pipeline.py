@@ -9,29 +9,22 @@ with it every later stage, because their parent's hash changes.
 Layout of a run::
 
     <output_dir>/<run_name>/pipeline.json        the stages and their results, in order
-    <output_dir>/<run_name>/<stage>/result.json  the record (alignment.records.StageResult)
+    <output_dir>/<run_name>/<stage>/result.json  the record (alignment/records.py: StageResult)
     <output_dir>/<run_name>/<stage>/checkpoint/  Hugging Face format model + tokenizer
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-from alignment import distributed, tracking
-from alignment.checkpoints import trainer_dir
-from alignment.config import AlignmentConfig
-from alignment.preempt import Preempted
-from alignment.data import MIXTURE, load_suite, stage_data, stage_source
-from alignment.dpo import train_dpo
-from alignment.ppo import train_ppo
-from alignment.reward import train_reward
+from alignment.config import AlignmentConfig, StageConfig
+from alignment.data.stage_data import source_fingerprint
 from alignment.records import (
     RESULT_FILE,
     StageResult,
@@ -41,26 +34,24 @@ from alignment.records import (
     package_versions,
     read_result,
 )
-from alignment.report import format_table
-from alignment.report_md import write_report
-from alignment.sft import train_sft
-from alignment.stage import StageContext, StageError, StartPoint, resolve_start
-from alignment.suite import suite_fingerprint
+from alignment.report.markdown import write_report
+from alignment.report.table import format_table
+from alignment.scale import distributed
+from alignment.scale.checkpoints import trainer_dir
+from alignment.scale.preemption import Preempted
+from alignment.stages import POLICY_STAGES, runner
+from alignment.stages.common import StageContext, StartPoint, resolve_start
+from alignment.tracking.base import record_result, stage_run
+from alignment.tracking.choose import make_tracker
 
 log = logging.getLogger(__name__)
-
-RUNNERS: dict[str, Callable[..., StageResult]] = {"sft": train_sft, "reward": train_reward, "dpo": train_dpo, "ppo": train_ppo}
-# Stages whose checkpoint is a policy (a causal LM). Every stage starts from the latest of
-# these: the reward model from the SFT policy, and PPO or DPO after a reward stage from the
-# same SFT policy (the reward model is their second input, not their parent).
-POLICY_STAGES = ("sft", "dpo", "ppo")
 
 
 def run_pipeline(cfg: AlignmentConfig) -> list[StageResult]:
     """Run (or skip) each stage of ``cfg.stages``; return their records in order."""
     run_dir = Path(cfg.output_dir).resolve() / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    tracker = tracking.make_tracker(cfg, run_dir)  # the W&B mode is decided here, before any stage
+    tracker = make_tracker(cfg, run_dir)  # the W&B mode is decided here, before any stage
     results: list[StageResult] = []
     skipped: list[bool] = []
     previous: dict[str, StageResult] = {}
@@ -85,9 +76,10 @@ def run_pipeline(cfg: AlignmentConfig) -> list[StageResult]:
         distributed.barrier()
         log.info("[%s] running from %s -> %s", stage, start.label, stage_dir)
         ctx = StageContext(cfg, run_dir, stage_dir, stage, start, index == 0, previous=dict(previous), inputs_key=key, tracker=tracker)
-        with tracking.stage_run(ctx):  # one W&B run per stage, finished (as failed) also when the stage raises
+        # One W&B run per stage, finished (as failed) also when the stage raises.
+        with stage_run(tracker, stage=stage, inputs_key=key, started_from=None if start.adapter else start.path):
             result = _run_stage(stage, stage_cfg, ctx, key)
-            tracking.record_result(tracker, result)
+            record_result(tracker, result)
         results.append(result)
         skipped.append(False)
         previous[stage] = result
@@ -103,7 +95,7 @@ def run_pipeline(cfg: AlignmentConfig) -> list[StageResult]:
     return results
 
 
-def _start_point(cfg: AlignmentConfig, stage_cfg, parent: Optional[StageResult], *, run_dir: Path) -> StartPoint:
+def _start_point(cfg: AlignmentConfig, stage_cfg: StageConfig, parent: Optional[StageResult], *, run_dir: Path) -> StartPoint:
     if stage_cfg.init_from:
         return resolve_start(stage_cfg.init_from, run_dir=run_dir)
     if parent is not None:
@@ -124,29 +116,7 @@ def _inputs_key(cfg: AlignmentConfig, stage: str, start: StartPoint, *, upstream
         "eval": dataclasses.asdict(cfg.eval),
         "seed": cfg.seed,
     }
-    return inputs_hash(config=config, parent_hash=start.hash, parent_ref=start.path, data_fingerprint=source_fingerprint(cfg, stage_cfg))
-
-
-def source_fingerprint(cfg: AlignmentConfig, stage_cfg) -> str:
-    """A cheap fingerprint of the data a stage reads, known before anything is loaded."""
-    data_cfg = stage_data(cfg.data, stage_cfg)
-    path = stage_source(data_cfg, stage_cfg.data_path)
-    if path is None:
-        return "suite:" + suite_fingerprint(load_suite(cfg.data.suite))
-    if path == MIXTURE:
-        return "mixture:" + "|".join(f"{_file_fingerprint(s.path)}*{s.weight}" for s in data_cfg.sources)
-    return _file_fingerprint(path)
-
-
-def _file_fingerprint(path: str) -> str:
-    local = Path(path).expanduser()
-    if local.is_file():
-        digest = hashlib.sha256()
-        with open(local, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-        return f"file:{digest.hexdigest()}"
-    return f"name:{path}"
+    return inputs_hash(config=config, parent_hash=start.hash, parent_ref=start.path, data_fingerprint=source_fingerprint(cfg.data, stage_cfg))
 
 
 def _still_valid(result: StageResult, key: str) -> bool:
@@ -161,10 +131,10 @@ def _still_valid(result: StageResult, key: str) -> bool:
     return expected is None or all((checkpoint / name).is_file() and (checkpoint / name).stat().st_size == size for name, size in expected.items())
 
 
-def _run_stage(stage: str, stage_cfg, ctx: StageContext, key: str) -> StageResult:
+def _run_stage(stage: str, stage_cfg: StageConfig, ctx: StageContext, key: str) -> StageResult:
     started = time.monotonic()
     try:
-        result = RUNNERS[stage](stage_cfg, ctx)
+        result = runner(stage)(stage_cfg, ctx)
     except BaseException as err:
         if distributed.is_main():
             # "preempted" and "failed" both rerun on the next command; a preempted stage resumes
@@ -223,116 +193,3 @@ def _write_pipeline(run_dir: Path, cfg: AlignmentConfig, results: list[StageResu
             ],
         },
     )
-
-
-def validate(cfg: AlignmentConfig) -> None:
-    """Cross-field rules, checked before any model or data is loaded."""
-    if not cfg.stages:
-        raise StageError("no stages to run: pick a recipe with +recipe=NAME (see README: sft_then_dpo, sft, dpo)")
-    unknown = [s for s in cfg.stages if s not in RUNNERS]
-    if unknown:
-        raise StageError(f"recipe {cfg.recipe!r}: unknown stage(s) {unknown} in 'stages'; known stages: {sorted(RUNNERS)}")
-    if len(set(cfg.stages)) != len(cfg.stages):
-        raise StageError(f"recipe {cfg.recipe!r}: a stage appears twice in 'stages' {list(cfg.stages)}")
-    for stage in cfg.stages:
-        train = getattr(cfg, stage)
-        for name in ("learning_rate", "per_device_batch_size", "gradient_accumulation_steps", "max_seq_tokens"):
-            if getattr(train, name) <= 0:
-                raise StageError(f"{stage}.{name}={getattr(train, name)} must be > 0")
-        if train.max_steps <= 0 and train.num_epochs <= 0:
-            raise StageError(f"{stage}: set {stage}.num_epochs > 0 or {stage}.max_steps > 0")
-        data_cfg = stage_data(cfg.data, train)
-        path = stage_source(data_cfg, train.data_path)
-        for source in [s.path for s in data_cfg.sources] if path == MIXTURE else [path] if path else []:
-            if Path(source).suffix and not Path(source).expanduser().is_file():
-                key = f"{stage}.data_path" if train.data_path else f"{stage}.data_sources/data.sources" if path == MIXTURE else "data.path"
-                raise StageError(f"{key}: {source}: no such file")
-    first = getattr(cfg, cfg.stages[0])
-    if cfg.stages[0] in ("dpo", "ppo", "reward") and not (first.init_from or cfg.model.name_or_path):
-        name = cfg.stages[0]
-        raise StageError(f"recipe {cfg.recipe!r}: {name} is the first stage, so it needs a policy: set {name}.init_from=<stage dir or HF dir>")
-    if "ppo" in cfg.stages and not cfg.ppo.reward_from and "reward" not in cfg.stages[: cfg.stages.index("ppo")]:
-        raise StageError(f"recipe {cfg.recipe!r}: ppo needs a reward model: put a reward stage before it or set ppo.reward_from=<reward stage or HF dir>")
-    if cfg.dpo.pair_labeler not in ("auto", "verifier", "reward"):
-        raise StageError(f"dpo.pair_labeler={cfg.dpo.pair_labeler!r}: use auto, verifier or reward")
-    if cfg.ppo.value_from not in ("reward", "policy"):
-        raise StageError(f"ppo.value_from={cfg.ppo.value_from!r}: use reward or policy")
-    _validate_scale_out(cfg)
-    tracking.check_config(cfg)
-    if cfg.data.over_length not in ("drop", "truncate", "error"):
-        raise StageError(f"data.over_length={cfg.data.over_length!r}: use drop, truncate or error")
-    if cfg.eval.samples_per_prompt < 1 or cfg.eval.temperature < 0 or cfg.eval.max_new_tokens < 1:
-        raise StageError("eval.samples_per_prompt and eval.max_new_tokens must be >= 1 and eval.temperature >= 0")
-
-
-def planned_world_size(cfg: AlignmentConfig) -> int:
-    """Processes the run will have: this job's WORLD_SIZE once launched, else the launcher's plan."""
-    if "WORLD_SIZE" in os.environ:
-        return distributed.world_size()
-    launcher = cfg.launcher
-    if launcher.name == "slurm":
-        return launcher.nodes * (launcher.gpus_per_node or launcher.cpu_procs_per_node)
-    return launcher.nproc_per_node * launcher.nnodes
-
-
-def batch_plan(cfg: AlignmentConfig) -> list[str]:
-    """Each stage's batch algebra as a line a user can check: per device x accumulation x processes."""
-    world = planned_world_size(cfg)
-    lines = []
-    for stage in cfg.stages:
-        train = getattr(cfg, stage)
-        if stage == "ppo":
-            lines.append(f"ppo: {train.rollout_batch_size} prompts per rollout = {train.rollout_batch_size // world} per process x {world} "
-                         f"processes; {train.mini_batch_size} rollouts per optimiser step = {train.mini_batch_size // world} per process x {world}")
-        else:
-            global_batch = train.per_device_batch_size * train.gradient_accumulation_steps * world
-            lines.append(f"{stage}: {train.per_device_batch_size} per device x {train.gradient_accumulation_steps} accumulation x "
-                         f"{world} processes = {global_batch} sequences per step")
-    return lines
-
-
-def _validate_scale_out(cfg: AlignmentConfig) -> None:
-    """Batch-size algebra, ZeRO options, LoRA and the launcher, before anything is launched."""
-    launcher, ds = cfg.launcher, cfg.deepspeed
-    if launcher.name not in ("local", "slurm"):
-        raise StageError(f"launcher.name={launcher.name!r}: use launcher=local or launcher=slurm")
-    for key in ("nproc_per_node", "nnodes", "nodes", "cpu_procs_per_node"):
-        if getattr(launcher, key) < 1:
-            raise StageError(f"launcher.{key}={getattr(launcher, key)} must be >= 1")
-    if ds.zero_stage not in (0, 1, 2, 3):
-        raise StageError(f"deepspeed.zero_stage={ds.zero_stage}: use 0 (off), 1, 2 or 3 (deepspeed=none|zero1|zero2|zero3|zero3_offload)")
-    if ds.offload_params and ds.zero_stage != 3:
-        raise StageError(f"deepspeed.offload_params=true needs ZeRO stage 3 (deepspeed.zero_stage is {ds.zero_stage}); use deepspeed=zero3_offload")
-    if ds.offload_optimizer and ds.zero_stage == 0:
-        raise StageError("deepspeed.offload_optimizer=true needs ZeRO (deepspeed=zero1|zero2|zero3)")
-    world = planned_world_size(cfg)
-    for stage in cfg.stages:
-        train = getattr(cfg, stage)
-        global_batch = train.per_device_batch_size * train.gradient_accumulation_steps * world
-        if train.global_batch_size is not None and train.global_batch_size != global_batch:
-            per_step = train.per_device_batch_size * world
-            hint = (f"set {stage}.gradient_accumulation_steps={train.global_batch_size // per_step}" if train.global_batch_size % per_step == 0
-                    else f"pick a global batch that is a multiple of {per_step} (per device x processes)")
-            raise StageError(
-                f"{stage}: per_device_batch_size {train.per_device_batch_size} x gradient_accumulation_steps "
-                f"{train.gradient_accumulation_steps} x {world} processes = {global_batch}, but {stage}.global_batch_size="
-                f"{train.global_batch_size}; {hint}"
-            )
-        if train.save_every_n_steps < 0 or train.keep_checkpoints < 1:
-            raise StageError(f"{stage}.save_every_n_steps must be >= 0 and {stage}.keep_checkpoints >= 1")
-    ppo = cfg.ppo
-    if ppo.rollout_batch_size % ppo.mini_batch_size:
-        raise StageError(f"ppo.rollout_batch_size={ppo.rollout_batch_size} must be a multiple of ppo.mini_batch_size={ppo.mini_batch_size}")
-    if "ppo" in cfg.stages and (ppo.rollout_batch_size % world or ppo.mini_batch_size % world):
-        raise StageError(
-            f"ppo: rollout_batch_size {ppo.rollout_batch_size} and mini_batch_size {ppo.mini_batch_size} must both divide evenly "
-            f"over {world} processes (each process samples rollout_batch_size / {world} prompts and trains on "
-            f"mini_batch_size / {world} of them per step)"
-        )
-    if cfg.model.peft not in (None, "lora", "qlora"):
-        raise StageError(f"model.peft={cfg.model.peft!r}: use lora, qlora, or leave it unset for full fine-tuning")
-    from alignment.lora import qlora_problem
-
-    problem = qlora_problem(cfg)
-    if problem:  # before anything loads: QLoRA needs a GPU, bitsandbytes and a checkpoint on disk
-        raise StageError(problem)

@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
-from alignment.secrets import redact
+from alignment.tracking.redaction import redact
 
 RESULT_FILE = "result.json"
 CHECKPOINT_DIR = "checkpoint"
@@ -61,7 +61,7 @@ class StageResult:
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        """The on-disk form: secret-looking keys and secret values removed (alignment/secrets.py)."""
+        """The on-disk form: secret-looking keys and secret values removed (alignment/tracking/redaction.py)."""
         record = dataclasses.asdict(self)
         record["config"], record["error"] = redact(record["config"]), redact(record["error"])
         return record

@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 import warnings
-from importlib import resources
 from pathlib import Path
 
 import hydra
@@ -29,24 +28,18 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from alignment import distributed, preempt
-from alignment.config import AlignmentConfig, ConfigError, register_schemas
-from alignment.launch import launch, needs_launch
-from alignment.secrets import install_log_filter, is_secret_name, scrub_text_file, scrub_yaml_files, secret_values
+from alignment import compat
+from alignment.config import AlignmentConfig, register_schemas, shipped_dir
+from alignment.config_checks import batch_plan, check_config
+from alignment.errors import ConfigError, UserError
+from alignment.scale import distributed, preemption
+from alignment.scale.launch import launch, needs_launch
+from alignment.tracking.redaction import install_log_filter, is_secret_name, scrub_text_file, scrub_yaml_files, secret_values
 
 log = logging.getLogger("alignment")
 RECIPE_PACKAGE = "alignment.recipes"
 _DATA_OPTIONS = ("suite", "file")
 _STARTED = {"task": False}
-
-
-def shipped_dir(package: str, source_dir: str) -> Path:
-    """Where conf/ or recipes/ are: inside the installed package (``alignment.conf``), or, when
-    this is a source checkout imported without installing it, the repository's top level."""
-    try:
-        return Path(str(resources.files(package)))
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / source_dir
 
 
 CONFIG_DIR = str(shipped_dir("alignment.conf", "conf"))
@@ -150,14 +143,12 @@ def compose_config(overrides: list[str]) -> AlignmentConfig:
     (for tests and notebooks): ``compose_config(["+recipe=sft_then_dpo", "dpo.beta=0.2"])``."""
     from hydra import compose, initialize_config_dir
 
-    from alignment.pipeline import validate
-
     register_all()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         raw = compose("config", overrides=rewrite_data_shorthand(overrides), return_hydra_config=True)
         HydraConfig.instance().set_config(raw)
         cfg = typed_config(raw)
-    validate(cfg)
+    check_config(cfg)
     return cfg
 
 
@@ -165,17 +156,11 @@ def compose_config(overrides: list[str]) -> AlignmentConfig:
 def _hydra_main(raw: DictConfig) -> None:
     _STARTED["task"] = True
     scrub_hydra_output(raw)  # first: Hydra has just written the command line and config to disk
-    from alignment.data import DataError
-    from alignment.pipeline import batch_plan, validate
-    from alignment.stage import StageError
-
-    from alignment.checkpoints import CheckpointError, NonFiniteLoss
-
     try:
         cfg = typed_config(raw)
-        validate(cfg)
+        check_config(cfg)
         if cfg.launcher.name == "slurm":
-            from alignment.slurm import submit
+            from alignment.scale.slurm import submit
 
             submit(cfg, argv=sys.argv[1:])
             return
@@ -186,7 +171,7 @@ def _hydra_main(raw: DictConfig) -> None:
                 raise SystemExit(code)
             return
         _run_this_rank(cfg)
-    except (ConfigError, StageError, DataError, CheckpointError, NonFiniteLoss) as err:
+    except UserError as err:
         raise SystemExit(f"alignment: error: {err}") from None
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -221,15 +206,17 @@ def _run_this_rank(cfg: AlignmentConfig) -> None:
     if not distributed.is_main():
         logging.getLogger().setLevel(logging.WARNING)  # one rank speaks
         os.environ["TQDM_DISABLE"] = "1"
-    preempt.install()
+    preemption.install()
+    for problem in compat.missing(cfg):
+        log.warning("%s", problem)
     threads = set_threads(cfg.num_threads)
     log.info("recipe %s, run %s, stages %s, %d process(es), %d torch threads each", cfg.recipe, cfg.run_name, cfg.stages,
              distributed.world_size(), threads)
     try:
         run_pipeline(cfg)
-    except preempt.Preempted as stop:
+    except preemption.Preempted as stop:
         log.warning("%s", stop)
-        raise SystemExit(preempt.PREEMPTED_EXIT) from None
+        raise SystemExit(preemption.PREEMPTED_EXIT) from None
 
 
 def main() -> None:

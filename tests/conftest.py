@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Real third-party models, datasets and tokenizers (not part of the package): ../shared/data
+# beside the repository, or ALIGNMENT_SHARED_DATA. CI has it and sets
+# ALIGNMENT_REQUIRE_SHARED_DATA=1, so there a missing file fails instead of skipping.
+SHARED_DATA = Path(os.environ.get("ALIGNMENT_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def shared(*parts: str) -> Path:
+    """A file or folder of the shared real data; the test skips, saying why, when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        why = (f"{path} is absent: tests on real models and data need ../shared/data beside the repository "
+               f"(or ALIGNMENT_SHARED_DATA=<dir>)")
+        if os.environ.get("ALIGNMENT_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    return path
 
 # A 1-layer, 32-wide model on a few hundred suite prompts: every stage runs in seconds.
 TINY = [
@@ -39,3 +55,10 @@ def run_recipe(tmp_path):
         return cfg, run_pipeline(cfg)
 
     return _run
+
+
+def is_share_of(value: float, count: int) -> bool:
+    """Whether ``value`` is k / count for a whole k in 0..count: an accuracy counted over exactly
+    ``count`` items (a metric over other items, or not a count at all, fails)."""
+    k = value * count
+    return 0 <= round(k) <= count and abs(k - round(k)) < 1e-6

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from alignment.checks import (
+from alignment.data.checks import (
     CheckReport,
     DataCheckError,
     assistant_token_mask,
@@ -22,10 +22,10 @@ from alignment.checks import (
     check_sft_rows,
     percentiles,
 )
-from alignment.data import DataError
-from alignment.embedded import build_tokenizer
+from alignment.errors import DataError
+from alignment.modeling.embedded import build_tokenizer
+from conftest import shared
 
-GPT2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tokenizers" / "gpt2"
 MAX = 30
 
 
@@ -185,12 +185,12 @@ def test_prefix_diff_inconsistent_template_is_an_error():
         assistant_token_mask(tok, [U("hi"), A("yo")])
 
 
-@pytest.mark.skipif(not (GPT2 / "vocab.json").is_file(), reason=f"GPT-2 tokenizer files absent from {GPT2}")
 def test_prefix_diff_mask_on_gpt2_bpe():
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
-    core = ByteLevelBPETokenizer(str(GPT2 / "vocab.json"), str(GPT2 / "merges.txt"))
+    gpt2 = shared("tokenizers", "gpt2")
+    core = ByteLevelBPETokenizer(str(gpt2 / "vocab.json"), str(gpt2 / "merges.txt"))
     tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|endoftext|>{% endfor %}"
                          "{% if add_generation_prompt %}assistant:{% endif %}")

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import pytest
 
-from alignment.config import ConfigError
+from alignment.errors import ConfigError
 from alignment.run import RECIPE_PACKAGE, compose_config, rewrite_data_shorthand, shipped_dir
 
 RECIPES = sorted(p.stem for p in shipped_dir(RECIPE_PACKAGE, "recipes").glob("*.yaml"))

@@ -7,7 +7,9 @@ import json
 import pytest
 
 from alignment.config import DataConfig
-from alignment.data import DataError, load_rows, preference_file_data, sft_data
+from alignment.data.sources import load_rows
+from alignment.data.stage_data import preference_file_data, sft_data
+from alignment.errors import DataError
 
 
 def _jsonl(path, rows):
@@ -109,7 +111,7 @@ def test_sources_compose_from_the_command_line(tmp_path):
 
 def test_a_stage_can_have_its_own_mixture(tmp_path):
     from alignment.config import DPOConfig, SourceConfig
-    from alignment.data import MIXTURE, stage_data, stage_source
+    from alignment.data.sources import MIXTURE, stage_data, stage_source
 
     a = _jsonl(tmp_path / "a.jsonl", [{"prompt": "q", "chosen": "c", "rejected": "r"}])
     shared = DataConfig(path=str(tmp_path / "sft.jsonl"))
@@ -117,3 +119,20 @@ def test_a_stage_can_have_its_own_mixture(tmp_path):
     data_cfg = stage_data(shared, dpo)
     assert stage_source(data_cfg, dpo.data_path) == MIXTURE and data_cfg.sources[0].path == a
     assert stage_source(stage_data(shared, DPOConfig()), None) == shared.path, "other stages keep the shared data"
+
+
+def test_ppo_prompt_files_are_checked_like_every_file(tmp_path):
+    """Empty prompts are dropped and counted; an over-long prompt follows data.over_length."""
+    from alignment.config import PPOConfig
+    from alignment.data.stage_data import prompt_data
+    from alignment.modeling.embedded import build_tokenizer
+
+    rows = [{"prompt": f"say {i}"} for i in range(8)] + [{"prompt": "   "}, {"prompt": "x" * 300}]
+    path = _jsonl(tmp_path / "prompts.jsonl", rows)
+    ppo = PPOConfig(data_path=path, rollout_batch_size=4, max_prompt_tokens=64)
+    messages, examples, data = prompt_data(DataConfig(), ppo, seed=0, tokenizer=build_tokenizer())
+    checks = data.counts["checks"]
+    assert checks["dropped"] == {"empty_prompt": 1} and checks["truncated"] == 1 and len(messages) == 9
+    assert examples == [None] * 9, "a file has no verifier"
+    with pytest.raises(DataError, match=r"prompts.jsonl, row 9: \d+ tokens, more than max_prompt_tokens=64"):
+        prompt_data(DataConfig(over_length="error"), ppo, seed=0, tokenizer=build_tokenizer())

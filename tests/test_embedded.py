@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from alignment.config import ModelConfig
-from alignment.embedded import build_model, build_tokenizer
+from alignment.modeling.embedded import build_model, build_tokenizer
 
 
 def test_tokenizer_is_deterministic_and_round_trips():

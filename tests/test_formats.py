@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from alignment.formats import (
+from alignment.data.formats import (
     PREFERENCE_FORMATS,
     PROMPT_FORMATS,
     SFT_FORMATS,
@@ -16,8 +16,8 @@ from alignment.formats import (
     convert_rows,
     detect_format,
 )
+from conftest import shared
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def S(text):
@@ -242,9 +242,7 @@ def test_bad_arguments_say_what_to_use(kwargs, expected):
 
 
 def _shared_rows(name):
-    path = SHARED_DATA / name
-    if not path.is_file():
-        pytest.skip(f"{path} is absent: the real demo files live in the shared data folder beside the repository")
+    path = shared(name)
     with path.open() as handle:
         return json.load(handle), str(path)
 
@@ -280,9 +278,8 @@ def test_real_sharegpt_preference_file_converts_for_every_kind():
     assert sft[0] == {"messages": pairs[0]["prompt"] + pairs[0]["chosen"]}
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "kto_en_demo.json").is_file(), reason="shared kto_en_demo.json is absent")
 def test_unpaired_preference_file_keeps_only_desirable_rows_for_sft_and_is_refused_as_pairs():
-    rows = json.loads((SHARED_DATA / "kto_en_demo.json").read_text())
+    rows = json.loads(shared("kto_en_demo.json").read_text())
     out, counts = convert_rows(rows, kind="sft", source="kto_en_demo.json")
     n_true = sum(r["label"] for r in rows)
     assert len(out) == n_true and counts["dropped:unpaired_undesirable"] == len(rows) - n_true

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from alignment.config import ModelConfig
-from alignment.embedded import build_model, build_tokenizer
-from alignment.inference import generate, response_logps
+from alignment.modeling.embedded import build_model, build_tokenizer
+from alignment.modeling.generation import generate
+from alignment.modeling.scoring import response_logps
 
 
 def _tiny():

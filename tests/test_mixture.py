@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from alignment.mixture import Source, mix
+from alignment.data.mixture import Source, mix
 
 
 def rows(name, n):

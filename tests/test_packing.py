@@ -1,4 +1,4 @@
-"""Padding-free forwards (alignment/packing.py) and the compact LM head (alignment/fused_head.py):
+"""Padding-free forwards (alignment/modeling/packing.py) and the compact LM head (alignment/modeling/compact_head.py):
 packed batches give the padded batch's outputs and gradients, and nothing else changes."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from alignment import embedded, fused_head, packing
+from alignment.modeling import embedded, compact_head as fused_head, packing
 from alignment.config import ModelConfig
 
 TINY_MODEL = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment import pipeline
 from alignment.records import read_result
-from conftest import TINY
+from conftest import is_share_of, TINY
 
 pytestmark = pytest.mark.integration
 
@@ -35,11 +35,13 @@ def test_sft_then_dpo_hands_off_and_records_lineage(run_recipe, tmp_path):
         assert on_disk.checkpoint_hash == r.checkpoint_hash and on_disk.data_fingerprint
         assert on_disk.config["learning_rate"] > 0 and on_disk.versions["torch"] and on_disk.wall_seconds > 0
         assert math.isfinite(on_disk.metrics["train_loss_mean"])
-        assert 0.0 <= on_disk.metrics["gold_accuracy_sampled"] <= 1.0
+        # every held-out prompt (14), each sampled eval.samples_per_prompt (2) times
+        assert on_disk.metrics["eval_prompts"] == 14 and is_share_of(on_disk.metrics["gold_accuracy_sampled"], 28)
         tok = AutoTokenizer.from_pretrained(r.checkpoint)
         assert tok.chat_template and tok.eos_token == "<|end|>"
     assert "reward_accuracy" in dpo.metrics and "kl_to_parent" in dpo.metrics
-    assert 0.0 <= sft.start_metrics["gold_accuracy_greedy"] <= 1.0, "the first stage evaluates its starting model"
+    start = sft.start_metrics  # the first stage evaluates its starting model, greedy: one answer per prompt
+    assert start["eval_prompts"] == 14 and is_share_of(start["gold_accuracy_greedy"], 14)
     assert dpo.start_metrics == {}, "later stages start from a checkpoint already evaluated"
     before, after = _weights(sft.checkpoint), _weights(dpo.checkpoint)
     assert any(not torch.equal(before[k], after[k]) for k in before), "DPO changed no weight"
@@ -72,7 +74,8 @@ def test_failed_stage_leaves_failed_record_and_no_stale_result(run_recipe, monke
     def boom(cfg, ctx):
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setitem(pipeline.RUNNERS, "dpo", boom)
+    real = pipeline.runner
+    monkeypatch.setattr(pipeline, "runner", lambda stage: boom if stage == "dpo" else real(stage))
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_recipe("sft_then_dpo", "dpo.beta=0.4")
     record = read_result(tmp_path / "out" / "sft_then_dpo" / "dpo")
@@ -88,7 +91,7 @@ def test_single_stage_dpo_recipe_starts_from_config(run_recipe, tmp_path):
 
 def test_real_model_and_local_data_through_from_pretrained(tmp_path, run_recipe):
     from alignment.config import ModelConfig
-    from alignment.embedded import build_model, build_tokenizer
+    from alignment.modeling.embedded import build_model, build_tokenizer
 
     model_dir = tmp_path / "local_model"
     tok = build_tokenizer()
@@ -169,4 +172,5 @@ def test_dpo_with_precomputed_reference_evaluates_against_the_parent(run_recipe)
     # No reference model is held while training; the evaluation loads the parent again.
     cfg, (sft, dpo) = run_recipe("sft_then_dpo", "dpo.precompute_ref_log_probs=true")
     assert dpo.status == "complete" and dpo.config["precompute_ref_log_probs"] is True
-    assert 0.0 <= dpo.metrics["reward_accuracy"] <= 1.0 and math.isfinite(dpo.metrics["kl_to_parent"])
+    pairs = dpo.metrics["eval_pairs"]
+    assert pairs > 0 and is_share_of(dpo.metrics["reward_accuracy"], pairs) and math.isfinite(dpo.metrics["kl_to_parent"])

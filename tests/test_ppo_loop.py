@@ -6,18 +6,21 @@ from __future__ import annotations
 import torch
 
 from alignment.config import ModelConfig, PairsConfig
-from alignment.embedded import build_model, build_tokenizer
-from alignment.health import HealthCheck
-from alignment.inference import render_prompts, response_logps
-from alignment.pairs import sample_pairs
-from alignment.ppo_rollout import pack, policy_forward, sequence_scores, token_values
-from alignment.suite import build_suite
+from alignment.modeling.embedded import build_model, build_tokenizer
+from alignment.stages.ppo.health import HealthCheck
+from alignment.modeling.generation import render_prompts
+from alignment.modeling.scoring import response_logps
+from alignment.data.pairs import sample_pairs
+from alignment.modeling.scoring import pack, policy_forward, sequence_scores, token_values
+from alignment.data.suite import build_suite
 from test_reward import _tiny_reward_model
 
 PROMPTS = [[{"role": "user", "content": "Add: 2 3"}], [{"role": "user", "content": "Reverse: abcd"}]]
 
 
-def test_packed_logprobs_equal_response_logprobs():
+def test_packed_logprobs_are_each_rows_own_next_token_logprobs():
+    """Each response token's log-prob in the packed, right-padded batch equals the one read off a
+    forward pass of that row alone (prompt + response, no padding) at the position before it."""
     tok = build_tokenizer()
     model = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tok)
     responses = ["5", "dcba"]
@@ -26,10 +29,14 @@ def test_packed_logprobs_equal_response_logprobs():
     packed = pack(prompt_ids, response_ids, pad_token_id=tok.pad_token_id)
     with torch.no_grad():
         logprobs, logits = policy_forward(model, packed, temperature=1.0)
-    assert packed.mask.tolist() == [[1.0, 1.0, 0.0, 0.0, 0.0], [1.0] * 5]
-    expected = response_logps(model, tok, PROMPTS, responses, batch_size=2)
-    assert torch.allclose((logprobs * packed.mask).sum(-1), expected, atol=1e-4)
-    assert logits.shape[:2] == packed.mask.shape
+        assert packed.mask.tolist() == [[1.0, 1.0, 0.0, 0.0, 0.0], [1.0] * 5]
+        assert logits.shape[:2] == packed.mask.shape
+        for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
+            alone = torch.log_softmax(model(input_ids=torch.tensor([prompt + response])).logits[0], dim=-1)
+            by_hand = [float(alone[len(prompt) - 1 + j, token]) for j, token in enumerate(response)]
+            assert torch.allclose(logprobs[row, : len(response)], torch.tensor(by_hand), atol=1e-5)
+        total = response_logps(model, tok, PROMPTS, responses, batch_size=2)  # the evaluation's sum: the same tokens
+        assert torch.allclose(total, (logprobs * packed.mask).sum(-1), atol=1e-4)
 
 
 def test_sequence_score_matches_classification_head_and_values_line_up():
@@ -50,7 +57,7 @@ def test_value_model_starts_as_the_reward_model(tmp_path):
     from types import SimpleNamespace
 
     from alignment.config import AlignmentConfig, PPOConfig
-    from alignment.ppo import _value_model
+    from alignment.stages.ppo.stage import _value_model
 
     tok = build_tokenizer()
     reward_model = _tiny_reward_model(tok)
@@ -94,3 +101,49 @@ def test_health_check_flags_reward_hacking_and_collapse():
     assert any("ratio" in w for w in check.observe(_step(0.5, 1.0, ratio=3.0)))
     healthy = HealthCheck(kl_target=0.5)
     assert not [w for i in range(10) for w in healthy.observe(_step(gold=0.5 + 0.01 * i, reward=0.1 * i))]
+
+
+def _engine_and_rollout(micro_batch_size):
+    """A PPO engine over a tiny policy and value model (same init every call) and one rollout
+    of 4 sequences with hand-set old log-probs, values, advantages and returns."""
+    from types import SimpleNamespace
+
+    from alignment.config import AlignmentConfig, PPOConfig
+    from alignment.stages.ppo.engine import PPOEngine
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    policy = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tok)
+    value_model = _tiny_reward_model(tok)
+    cfg = PPOConfig(rollout_batch_size=4, mini_batch_size=4, ppo_epochs=2, micro_batch_size=micro_batch_size, learning_rate=1e-3)
+    engine = PPOEngine(cfg, SimpleNamespace(cfg=AlignmentConfig()), policy=policy, value_model=value_model)
+    prompts = render_prompts(tok, PROMPTS * 2)
+    responses = [[10, 11, tok.eos_token_id], [12, tok.eos_token_id], [13, 14, 15, 16], [17]]
+    packed = pack(prompts, responses, pad_token_id=tok.pad_token_id)
+    gen = torch.Generator().manual_seed(1)
+    shape = packed.mask.shape
+    rollout = {"packed": packed, "logprobs": -torch.rand(shape, generator=gen) * packed.mask,
+               "values": torch.randn(shape, generator=gen) * packed.mask, "advantages": torch.randn(shape, generator=gen) * packed.mask,
+               "returns": torch.randn(shape, generator=gen) * packed.mask}
+    return cfg, engine, rollout
+
+
+def test_micro_batches_give_the_same_update_as_one_pass():
+    """ppo.micro_batch_size splits each mini-batch and accumulates gradients, each micro-batch
+    weighted by its share of the response tokens: the weights after two epochs and the logged
+    losses equal those of one pass over the whole mini-batch."""
+    from alignment.stages.ppo.loop import _optimise
+
+    results = []
+    for micro in (None, 2, 1):
+        cfg, engine, rollout = _engine_and_rollout(micro)
+        stats = _optimise(cfg, rollout, engine=engine, generator=torch.Generator().manual_seed(3), rollouts=4)
+        results.append((stats, {k: v.detach().clone() for k, v in engine.module.state_dict().items()}))
+    (whole_stats, whole), *split = results
+    for stats, weights in split:
+        for name, tensor in whole.items():
+            torch.testing.assert_close(weights[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+        for key in ("loss/policy", "loss/value", "grad_norm"):
+            assert abs(stats[key] - whole_stats[key]) < 1e-5 * max(1.0, abs(whole_stats[key])), key
+    start = _engine_and_rollout(None)[1].module.state_dict()
+    assert any(not torch.equal(start[k], whole[k]) for k in whole), "the update changed the weights"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from alignment.ppo_math import (
+from alignment.stages.ppo.maths import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,

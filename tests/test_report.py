@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from alignment.records import StageResult
-from alignment.report import format_table
+from alignment.report.table import format_table
 
 
 def _r(stage, metrics, start=None):

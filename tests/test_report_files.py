@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from alignment import report_md
-from alignment.report_md import main, write_report
+from alignment.report import markdown as report_md
+from alignment.report.markdown import main, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOT_FILES = ("training_loss.png", "eval_metrics.png", "ppo_reward_vs_kl.png", "ppo_rollouts.png")

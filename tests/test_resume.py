@@ -21,8 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignment import checkpoints, preempt
-from alignment.checkpoints import MARKER, CheckpointError, NonFiniteLoss
+from alignment.scale import checkpoints, preemption as preempt
+from alignment.errors import CheckpointError, NonFiniteLoss
+from alignment.scale.checkpoints import MARKER
 from alignment.records import read_result
 from conftest import TINY
 
@@ -175,7 +176,7 @@ def test_disk_full_at_the_stage_boundary_leaves_the_old_checkpoint(tmp_path, run
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(modeling, "safe_save_file", full)
-    from alignment.stage import StageError
+    from alignment.errors import StageError
 
     with pytest.raises(StageError, match="could not write the checkpoint .*No space left.*previous checkpoint, if any, is unchanged"):
         run_recipe("sft", "sft.learning_rate=2e-3", "sft.save_every_n_steps=0", output_dir=tmp_path)
@@ -189,7 +190,7 @@ def test_stop_request_checkpoints_and_resume_is_exact_for_ppo(tmp_path, run_reci
     ppo = ["ppo.num_rollouts=4", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.n_prompts=64",
            "reward.max_steps=2", "reward.pairs.n_prompts=32", "reward.per_device_batch_size=8", "eval.enabled=false"]
     run_recipe("sft_rm_ppo", *ppo, output_dir=tmp_path / "plain")
-    from alignment import health
+    from alignment.stages.ppo import health
 
     real_observe, seen = health.HealthCheck.observe, {"n": 0}
 

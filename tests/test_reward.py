@@ -9,8 +9,9 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
-from alignment.embedded import build_tokenizer
-from alignment.reward import pair_metrics, roc_auc, score_responses
+from alignment.modeling.embedded import build_tokenizer
+from alignment.evaluate import pair_metrics, roc_auc
+from alignment.modeling.scoring import score_responses
 
 
 def _tiny_reward_model(tok):
@@ -42,15 +43,22 @@ def test_bradley_terry_loss_matches_hand_computation(tmp_path):
     assert math.isclose(loss, by_hand, rel_tol=1e-4, abs_tol=1e-5)
 
 
-def test_pair_metrics_count_accuracy_by_hand():
-    tok = build_tokenizer()
-    model = _tiny_reward_model(tok)
-    metrics = pair_metrics(model, tok, Dataset.from_list(ROWS), batch_size=4)
-    prompts = [r["prompt"] for r in ROWS]
-    r_c = score_responses(model, tok, prompts, [r["chosen"][0]["content"] for r in ROWS], batch_size=3)
-    r_r = score_responses(model, tok, prompts, [r["rejected"][0]["content"] for r in ROWS], batch_size=3)
-    assert metrics["pairwise_accuracy"] == (r_c > r_r).float().mean().item()
-    assert math.isclose(metrics["reward_chosen_mean"], r_c.mean().item(), rel_tol=1e-5)
+def test_pair_metrics_by_hand(monkeypatch):
+    """Scores fixed by hand (chosen 3, 1, 2; rejected 2, 0, 5): 2 of 3 pairs ranked right, means
+    2 and 7/3, and an AUC over all 3 x 3 (chosen, rejected) comparisons of 4.5 / 9 (one tie)."""
+    fixed = {"chosen": torch.tensor([3.0, 1.0, 2.0]), "rejected": torch.tensor([2.0, 0.0, 5.0])}
+    rows = ROWS[:3]
+
+    def scores(model, tokenizer, prompts, responses, *, batch_size):
+        side = "chosen" if responses == [r["chosen"][0]["content"] for r in rows] else "rejected"
+        return fixed[side]
+
+    monkeypatch.setattr("alignment.evaluate.score_responses", scores)
+    metrics = pair_metrics(None, None, Dataset.from_list(rows), batch_size=4)
+    assert math.isclose(metrics["pairwise_accuracy"], 2 / 3, rel_tol=1e-6)
+    assert math.isclose(metrics["reward_chosen_mean"], 2.0) and math.isclose(metrics["reward_rejected_mean"], 7 / 3, rel_tol=1e-6)
+    assert math.isclose(metrics["correct_vs_incorrect_auc"], 4.5 / 9)
+    assert metrics["eval_pairs"] == 3
 
 
 def test_scores_do_not_depend_on_batching_or_padding():

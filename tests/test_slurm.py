@@ -48,7 +48,7 @@ def command_words(script: str) -> list[str]:
 
 
 def test_dry_run_writes_the_script_without_submitting(tmp_path, monkeypatch, capsys):
-    from alignment import slurm
+    from alignment.scale import slurm
 
     monkeypatch.setattr(slurm.subprocess, "run", lambda *a, **k: pytest.fail("dry run called a command"))
     cfg, argv = slurm_config(tmp_path, "sft", "launcher.dry_run=true", "launcher.partition=debug", "launcher.time=00:30:00",
@@ -72,7 +72,7 @@ def test_dry_run_writes_the_script_without_submitting(tmp_path, monkeypatch, cap
 
 
 def test_inner_command_reruns_the_overrides_on_the_local_launcher(tmp_path):
-    from alignment import slurm
+    from alignment.scale import slurm
 
     odd = "model.chat_template='{{ a }} $HOME; `x`'"  # spaces, quotes and shell syntax survive quoting
     cfg, argv = slurm_config(tmp_path, "sft_then_dpo", "dpo.beta=0.2", odd, "launcher.requeue=false", "launcher.cpu_procs_per_node=2",
@@ -92,8 +92,8 @@ def test_inner_command_reruns_the_overrides_on_the_local_launcher(tmp_path):
 
 
 def test_missing_sbatch_and_bad_templates_are_config_errors(tmp_path, monkeypatch):
-    from alignment import slurm
-    from alignment.config import ConfigError
+    from alignment.scale import slurm
+    from alignment.errors import ConfigError
 
     cfg, argv = slurm_config(tmp_path, "sft")
     monkeypatch.setattr(slurm.shutil, "which", lambda name: None)
@@ -167,7 +167,7 @@ def _tail(log: Path, lines: int = 40) -> str:
 
 def submit_tiny(tmp_path: Path, recipe: str, *overrides: str) -> tuple[str, Path, Path]:
     """Submit ``recipe`` with the tiny overrides; the job id, the run directory and the job's log."""
-    from alignment import slurm
+    from alignment.scale import slurm
 
     cfg, argv = slurm_config(tmp_path, recipe, *overrides)
     job_id = slurm.submit(cfg, argv=argv)
@@ -234,7 +234,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(slurm_cluster
         cfg, _ = run_recipe("sft", *PREEMPT, output_dir=tmp_path / "reference")
     finally:
         torch.set_num_threads(threads)
-    from alignment.slurm import run_dir_of
+    from alignment.scale.slurm import run_dir_of
 
     reference = load_file(run_dir_of(cfg) / "sft" / "checkpoint" / "model.safetensors")
     resumed = load_file(run_dir / "sft" / "checkpoint" / "model.safetensors")

@@ -1,4 +1,4 @@
-"""Unit tests for the built-in instruction suite (alignment.suite); pure Python, no torch.
+"""Unit tests for the built-in instruction suite (alignment/data/suite/); pure Python, no torch.
 
 Run: python -m pytest tests/test_suite.py -q
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-import alignment.suite
+import alignment.data.suite
 
-from alignment.suite import (
+from alignment.data.suite import (
     FAMILIES,
     Example,
     build_suite,
@@ -113,9 +113,9 @@ def test_same_seed_same_suite_different_seed_different_suite():
 
 def test_fingerprint_is_stable_across_processes():
     # A fresh interpreter has a different str-hash seed; the suite must not depend on it.
-    code = ("from alignment.suite import build_suite, suite_fingerprint; "
+    code = ("from alignment.data.suite import build_suite, suite_fingerprint; "
             "print(suite_fingerprint(build_suite(seed=3, n_train=300, n_eval=40)))")
-    repo_root = Path(alignment.suite.__file__).resolve().parents[2]
+    repo_root = Path(alignment.data.suite.__file__).resolve().parents[3]
     fingerprints = {
         subprocess.run(
             [sys.executable, "-c", code], check=True, capture_output=True, text=True,
@@ -218,9 +218,3 @@ def test_json_round_trip():
         assert verify(back, e.answer)
     with pytest.raises(ValueError, match="args"):
         example_from_dict({"family": "add", "prompt": "p", "answer": "1", "phrasing": 0})
-
-
-def test_build_is_fast():
-    start = time.perf_counter()
-    build_suite(seed=0, n_train=20000, n_eval=400)
-    assert time.perf_counter() - start < 1.0

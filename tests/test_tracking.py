@@ -25,11 +25,15 @@ from pathlib import Path
 
 import pytest
 
-from alignment import metric_names, tracking
-from alignment.config import ConfigError, WandbConfig
-from alignment.preempt import Preempted
+from alignment.config import WandbConfig
+from alignment.errors import ConfigError
 from alignment.records import StageResult
-from alignment.secrets import REDACTED, is_secret_name, redact
+from alignment.scale.preemption import Preempted
+from alignment.tracking import base as tracking
+from alignment.tracking import metric_names
+from alignment.tracking.redaction import REDACTED, is_secret_name, redact
+from alignment.tracking import wandb_run
+from alignment.tracking.wandb_run import wandb_mode
 from conftest import TINY
 
 OFFLINE = ["logger=wandb", "logger.wandb.mode=offline"]
@@ -163,15 +167,15 @@ def test_mode_decision_never_prompts_and_never_waits_long(monkeypatch, tmp_path)
     def no_probe(*args, **kwargs):
         raise AssertionError("probed W&B without an API key")
 
-    monkeypatch.setattr(tracking, "reachable", no_probe)
+    monkeypatch.setattr(wandb_run, "reachable", no_probe)
     empty_netrc = {"NETRC": str(tmp_path / "no_netrc")}
-    assert tracking.wandb_mode(WandbConfig(), empty_netrc)[0] == "offline"
-    assert tracking.wandb_mode(WandbConfig(), {**empty_netrc, "WANDB_MODE": "disabled", "WANDB_API_KEY": "k" * 40})[0] == "disabled"
-    assert tracking.wandb_mode(WandbConfig(mode="offline"), {"WANDB_API_KEY": "k" * 40})[0] == "offline"
-    assert tracking.wandb_mode(WandbConfig(mode="online"), empty_netrc)[0] == "offline", "online without a key would prompt"
+    assert wandb_mode(WandbConfig(), empty_netrc)[0] == "offline"
+    assert wandb_mode(WandbConfig(), {**empty_netrc, "WANDB_MODE": "disabled", "WANDB_API_KEY": "k" * 40})[0] == "disabled"
+    assert wandb_mode(WandbConfig(mode="offline"), {"WANDB_API_KEY": "k" * 40})[0] == "offline"
+    assert wandb_mode(WandbConfig(mode="online"), empty_netrc)[0] == "offline", "online without a key would prompt"
     monkeypatch.undo()
     started = time.monotonic()
-    mode, why = tracking.wandb_mode(WandbConfig(probe_timeout_seconds=2.0),
+    mode, why = wandb_mode(WandbConfig(probe_timeout_seconds=2.0),
                                     {"WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{_closed_port()}"})
     assert mode == "offline" and "did not answer" in why and time.monotonic() - started < 3.0
 
@@ -246,15 +250,15 @@ def test_ppo_uses_policy_and_reward_model_and_logs_rollouts(run_recipe, tmp_path
 def test_failed_stage_is_finished_as_failed_and_its_rerun_continues_the_same_run(run_recipe, monkeypatch, tmp_path, error, status):
     from alignment import pipeline
 
-    real = pipeline.RUNNERS["sft"]
+    real = pipeline.runner
 
     def boom(cfg, ctx):
         raise error("simulated crash")
 
-    monkeypatch.setitem(pipeline.RUNNERS, "sft", boom)
+    monkeypatch.setattr(pipeline, "runner", lambda stage: boom if stage == "sft" else real(stage))
     with pytest.raises(error, match="simulated crash"):
         run_recipe("sft", *OFFLINE)
-    monkeypatch.setitem(pipeline.RUNNERS, "sft", real)
+    monkeypatch.setattr(pipeline, "runner", real)
     run_recipe("sft", *OFFLINE)
     failed, resumed = offline_runs(tmp_path / "out" / "sft")["sft"]
     assert failed.exit_code == 1 and "simulated crash" in failed.summary["error"] and failed.summary["status"] == status

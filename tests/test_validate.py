@@ -8,10 +8,7 @@ import sys
 
 import pytest
 
-from conftest import SHARED_DATA
-
-GPT2 = SHARED_DATA / "tokenizers" / "gpt2"
-needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} (real third-party data) is absent")
+from conftest import shared
 # A ChatML-style template without {% generation %}: the loss mask must come from prefix diffs.
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -38,12 +35,12 @@ def test_validate_fails_on_degenerate_pairs_and_names_reasons(tmp_path):
 
 
 @pytest.mark.integration
-@needs_shared
 def test_gpt2_tokenizer_through_sft_and_dpo_on_real_files(tmp_path, run_recipe):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    core = ByteLevelBPETokenizer(str(GPT2 / "vocab.json"), str(GPT2 / "merges.txt"))
+    gpt2 = shared("tokenizers", "gpt2")
+    core = ByteLevelBPETokenizer(str(gpt2 / "vocab.json"), str(gpt2 / "merges.txt"))
     tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     assert tok("Hello")["input_ids"] == [15496]
     tok.chat_template = CHATML
@@ -52,8 +49,8 @@ def test_gpt2_tokenizer_through_sft_and_dpo_on_real_files(tmp_path, run_recipe):
                                  num_key_value_heads=2, intermediate_size=64)).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     _, (sft, dpo) = run_recipe(
-        "sft_then_dpo", f"model.name_or_path={model_dir}", f"data={SHARED_DATA / 'alpaca_en_demo.json'}",
-        f"dpo.data_path={SHARED_DATA / 'dpo_en_demo.json'}", "sft.max_seq_tokens=512", "dpo.max_seq_tokens=1024",
+        "sft_then_dpo", f"model.name_or_path={model_dir}", f"data={shared('alpaca_en_demo.json')}",
+        f"dpo.data_path={shared('dpo_en_demo.json')}", "sft.max_seq_tokens=512", "dpo.max_seq_tokens=1024",
         "data.max_drop_share=0.5", "data.over_length=drop", "data.max_eval_rows=4", "eval.max_new_tokens=4",
         "sft.per_device_batch_size=2", "dpo.per_device_batch_size=2", "sft.max_steps=2", "dpo.max_steps=2", "eval.batch_size=8",
     )

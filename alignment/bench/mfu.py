@@ -1,21 +1,21 @@
 """Model FLOPs utilisation (MFU) of our SFT and DPO training steps.
 
 Trains ``--warmup + --steps`` optimiser steps per stage on synthetic chat rows, with the
-trainer built by the stage module's own ``build_<stage>_trainer`` (as alignment/bench/trainers.py
+trainer built by the stage module's own ``build_trainer`` (as alignment/bench/trainers.py
 builds "ours"), and times the last ``--steps`` (alignment/bench/steps.py's ``StepClock``, real
 tokens counted by wrapping ``compute_loss``). MFU = tokens/s x FLOPs per token / peak FLOP/s.
 
 FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B: 6N + 12·L·H·Q·T, H·Q = d), for N
 parameters (the tied embedding once: it is the LM head's matmul), L layers of width d, and T
 the mean real length of the timed steps' sequences (attention stays within a sequence: our
-batches are packed per sequence, alignment/packing.py). One forward is 2N + 4·L·d·T, so
+batches are packed per sequence, alignment/modeling/packing.py). One forward is 2N + 4·L·d·T, so
 
     SFT: 6N + 12·L·d·T   (forward + backward, the backward twice the forward)
     DPO: 8N + 16·L·d·T   (the policy's forward + backward and the reference's forward)
 
 DPO counts every token of the chosen and the rejected sequence, as the step benchmark does.
 Our DPO runs a pair's shared prompt once (packing) and our LM head scores labelled positions
-only (alignment/fused_head.py), so less arithmetic is done than counted: this is the
+only (alignment/modeling/compact_head.py), so less arithmetic is done than counted: this is the
 conventional, comparable MFU (recomputation under gradient checkpointing is not counted either).
 
 Peak: a square matmul timed on the same device (8192 in bf16 on CUDA, 1024 in float32 on CPU).
@@ -47,12 +47,13 @@ import torch
 import transformers
 from datasets import Dataset
 
-from alignment import embedded
 from alignment.bench.steps import train_and_measure
-from alignment.dpo import build_dpo_trainer, reference_model
+from alignment.data.stage_data import HeldOut, StageData
+from alignment.modeling import embedded
 from alignment.run import compose_config, threads_per_process
-from alignment.sft import build_sft_trainer
-from alignment.stage import StageContext, StartPoint, load_policy
+from alignment.stages import dpo, sft
+from alignment.stages.common import StageContext, StartPoint, load_policy, padding_free
+from alignment.stages.trl_stage import Prepared
 
 STAGES = ("sft", "dpo")
 SIZES = {
@@ -110,10 +111,13 @@ def _build_trainer(stage: str, cfg, *, init_dir: Path, run_dir: Path, rows: Data
     """The stage's trainer as the pipeline builds it, from the saved initial model."""
     start = StartPoint(str(init_dir), None, None if stage == "sft" else "sft")
     ctx = StageContext(cfg=cfg, run_dir=run_dir, stage_dir=run_dir, stage=stage, start=start, is_first=stage == "sft")
-    model, tokenizer = load_policy(ctx, embedded.build_tokenizer())
+    tokenizer = embedded.build_tokenizer()
+    model = padding_free(load_policy(ctx, tokenizer), ctx)
+    data = StageData(train=rows, held_out=HeldOut(), fingerprint="bench", counts={})
     if stage == "sft":
-        return build_sft_trainer(cfg.sft, ctx, model, tokenizer, rows, **overrides)[0]
-    return build_dpo_trainer(cfg.dpo, ctx, model, reference_model(cfg.dpo, model), tokenizer, rows, **overrides)
+        return sft.build_trainer(cfg.sft, ctx, Prepared(model, tokenizer, data), **overrides)
+    return dpo.build_trainer(cfg.dpo, ctx, Prepared(model, tokenizer, data, extras={"reference": dpo.reference_model(cfg.dpo, model)}),
+                             **overrides)
 
 
 def _timed_stage(trainer, *, stage: str, device: str, steps: int, warmup: int, model_info: dict, peak_tflops: float) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Where a PPO step's time goes: generation, scoring and training, with tokens per second each.
 
 PPO has no plain-TRL baseline (TRL 1.x has no PPOTrainer), so this runs our PPO stage itself
-(``alignment.ppo.train_ppo``, the pipeline's code) for ``warmup + steps`` rollouts, starting
+(``alignment.stages.ppo.stage.train_ppo``, the pipeline's code) for ``warmup + steps`` rollouts, starting
 from the embedded model at init for the policy and for the reward and value models (a random
 score head: the timings do not depend on what it has learnt). The stage records each rollout's
 phase times (``time/generation_s``, ``time/scoring_s``, ``time/training_s``; also in W&B as
@@ -25,14 +25,14 @@ import torch
 
 from alignment.bench.trainers import TINY_MODEL, bench_config, build_workload
 from alignment.run import compose_config
-from alignment.stage import StageContext, StartPoint
+from alignment.stages.common import StageContext, StartPoint
 
 PHASES = ("generation", "scoring", "training")
 
 
 def ppo_phases(*, steps: int, warmup: int, threads: int, tiny: bool, overrides: list[str], work_dir: Path) -> dict[str, Any]:
     """Run the PPO stage for ``warmup + steps`` rollouts; phase times and tokens/s of the last ``steps``."""
-    from alignment.ppo import train_ppo  # the stage module: imported when used, like the pipeline does
+    from alignment.stages.ppo.stage import train_ppo  # the stage module: imported when used, like the pipeline does
 
     torch.set_num_threads(threads)
     workload = build_workload(bench_config(tiny=tiny, dpo_sft_weight=None, rows_for_steps=1, overrides=overrides), work_dir=work_dir)

@@ -1,7 +1,7 @@
 """The two trainers the step benchmark compares, per stage: "ours" and "trl".
 
-"ours" is the TRL trainer exactly as the stage module builds it (its ``build_<stage>_trainer``,
-the same function the pipeline calls), with its model loaded by the stage's own loader:
+"ours" is the TRL trainer exactly as the stage module builds it (its ``build_trainer``, the same
+function the pipeline's skeleton calls), with its model loaded as the stage loads it:
 padding-free forwards, the LM head on labelled positions only, DPO's explicit reference copy. "trl" is the same trainer class
 with TRL's default config, given only what defines the workload: the output directory, the
 learning rate, batch size, max length and number of steps, the seed (so both see the same rows
@@ -26,16 +26,15 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerBase, Trainer, set_seed
 from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
-from alignment import embedded, lora
 from alignment.config import AlignmentConfig
+from alignment.data.stage_data import HeldOut, StageData, load_suite, sft_data, user_turn
+from alignment.data.suite import corrupt
+from alignment.modeling import embedded, lora
+from alignment.modeling.loading import load_reward_model
 from alignment.run import compose_config
-from alignment.data import load_suite, sft_data
-from alignment.evaluate import user_turn
-from alignment.dpo import build_dpo_trainer, reference_model
-from alignment.reward import build_reward_trainer, load_reward_model
-from alignment.sft import build_sft_trainer
-from alignment.stage import StageContext, StartPoint, load_policy
-from alignment.suite import corrupt
+from alignment.stages import dpo, reward, sft
+from alignment.stages.common import StageContext, StartPoint, load_policy, padding_free
+from alignment.stages.trl_stage import Prepared
 
 STAGES = ("sft", "reward", "dpo")
 SIDES = ("ours", "trl")
@@ -113,21 +112,24 @@ def build_trainer(stage: str, side: str, w: Workload, *, max_steps: int, run_dir
 
 
 def _ours(stage: str, cfg, w: Workload, *, max_steps: int, run_dir: Path, device: str) -> Trainer:
-    """The stage's trainer, built by the stage module's own ``build_<stage>_trainer``."""
+    """The stage's trainer, built by the stage module's own ``build_trainer`` on its model as the
+    stage loads it."""
     start = StartPoint(None, None) if stage == "sft" else StartPoint(str(w.init_dir), None, "sft")
     ctx = StageContext(cfg=w.cfg, run_dir=run_dir, stage_dir=run_dir, stage=stage, start=start, is_first=stage == "sft")
     # The benchmark's only changes: its step count, no mid-run checkpoints, and the device asked for.
     overrides = {"max_steps": max_steps, "save_strategy": "no", "use_cpu": device == "cpu"}
     tokenizer = copy.deepcopy(w.tokenizer)
-    if stage == "sft":
-        model, tokenizer = load_policy(ctx, tokenizer)
-        return build_sft_trainer(cfg, ctx, model, tokenizer, w.sft_rows, **overrides)[0]
+    rows = w.sft_rows if stage == "sft" else w.pair_rows
+    data = StageData(train=rows, held_out=HeldOut(), fingerprint="bench", counts={})
     if stage == "reward":
-        model, tokenizer = load_reward_model(str(w.init_dir), ctx=ctx)
-        model = lora.attach(model, w.cfg, task=lora.SEQ_CLS, adapter=None)
-        return build_reward_trainer(cfg, ctx, model, tokenizer, w.pair_rows, **overrides)
-    model, tokenizer = load_policy(ctx, tokenizer)
-    return build_dpo_trainer(cfg, ctx, model, reference_model(cfg, model), tokenizer, w.pair_rows, **overrides)
+        model, tokenizer = load_reward_model(str(w.init_dir), w.cfg.model)
+        model = lora.attach(padding_free(model, ctx), w.cfg, task=lora.SEQ_CLS, adapter=None)
+        return reward.build_trainer(cfg, ctx, Prepared(model, tokenizer, data), **overrides)
+    model = padding_free(load_policy(ctx, tokenizer), ctx)
+    if stage == "sft":
+        return sft.build_trainer(cfg, ctx, Prepared(model, tokenizer, data), **overrides)
+    prepared = Prepared(model, tokenizer, data, extras={"reference": dpo.reference_model(cfg, model)})
+    return dpo.build_trainer(cfg, ctx, prepared, **overrides)
 
 
 def same_objective(stage: str, cfg: AlignmentConfig) -> bool:

@@ -1,0 +1,150 @@
+"""Cross-field config rules, checked once before any model, data or process is loaded or started.
+
+The schema (alignment/config.py) already refuses unknown keys and wrong types while Hydra
+composes the config; what is left is what a single field cannot say: recipes whose stages cannot
+run in that order, values that cannot work, batch algebra over processes, ZeRO and LoRA options
+that need each other or a GPU. Every rule raises one error that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from alignment.config import AlignmentConfig, PPOConfig, TrainConfig
+from alignment.data.sources import MIXTURE, stage_data, stage_source
+from alignment.errors import StageError
+from alignment.modeling.lora import qlora_problem
+from alignment.scale import distributed
+from alignment.stages import MODULES
+from alignment.tracking.choose import check_config as check_tracking
+
+
+def check_config(cfg: AlignmentConfig) -> None:
+    """Cross-field rules, checked before any model or data is loaded."""
+    if not cfg.stages:
+        raise StageError("no stages to run: pick a recipe with +recipe=NAME (see README: sft_then_dpo, sft, dpo)")
+    unknown = [s for s in cfg.stages if s not in MODULES]
+    if unknown:
+        raise StageError(f"recipe {cfg.recipe!r}: unknown stage(s) {unknown} in 'stages'; known stages: {sorted(MODULES)}")
+    if len(set(cfg.stages)) != len(cfg.stages):
+        raise StageError(f"recipe {cfg.recipe!r}: a stage appears twice in 'stages' {list(cfg.stages)}")
+    for stage in cfg.stages:
+        train = getattr(cfg, stage)
+        if train.learning_rate <= 0:
+            raise StageError(f"{stage}.learning_rate={train.learning_rate} must be > 0")
+        if isinstance(train, TrainConfig):
+            for name in ("per_device_batch_size", "gradient_accumulation_steps", "max_seq_tokens"):
+                if getattr(train, name) <= 0:
+                    raise StageError(f"{stage}.{name}={getattr(train, name)} must be > 0")
+            if train.max_steps <= 0 and train.num_epochs <= 0:
+                raise StageError(f"{stage}: set {stage}.num_epochs > 0 or {stage}.max_steps > 0")
+        data_cfg = stage_data(cfg.data, train)
+        path = stage_source(data_cfg, train.data_path)
+        for source in [s.path for s in data_cfg.sources] if path == MIXTURE else [path] if path else []:
+            if Path(source).suffix and not Path(source).expanduser().is_file():
+                key = f"{stage}.data_path" if train.data_path else f"{stage}.data_sources/data.sources" if path == MIXTURE else "data.path"
+                raise StageError(f"{key}: {source}: no such file")
+    first = getattr(cfg, cfg.stages[0])
+    if cfg.stages[0] in ("dpo", "ppo", "reward") and not (first.init_from or cfg.model.name_or_path):
+        name = cfg.stages[0]
+        raise StageError(f"recipe {cfg.recipe!r}: {name} is the first stage, so it needs a policy: set {name}.init_from=<stage dir or HF dir>")
+    if "ppo" in cfg.stages and not cfg.ppo.reward_from and "reward" not in cfg.stages[: cfg.stages.index("ppo")]:
+        raise StageError(f"recipe {cfg.recipe!r}: ppo needs a reward model: put a reward stage before it or set ppo.reward_from=<reward stage or HF dir>")
+    if cfg.dpo.pair_labeler not in ("auto", "verifier", "reward"):
+        raise StageError(f"dpo.pair_labeler={cfg.dpo.pair_labeler!r}: use auto, verifier or reward")
+    if cfg.ppo.value_from not in ("reward", "policy"):
+        raise StageError(f"ppo.value_from={cfg.ppo.value_from!r}: use reward or policy")
+    _validate_scale_out(cfg)
+    check_tracking(cfg)
+    if cfg.data.over_length not in ("drop", "truncate", "error"):
+        raise StageError(f"data.over_length={cfg.data.over_length!r}: use drop, truncate or error")
+    if cfg.eval.samples_per_prompt < 1 or cfg.eval.temperature < 0 or cfg.eval.max_new_tokens < 1:
+        raise StageError("eval.samples_per_prompt and eval.max_new_tokens must be >= 1 and eval.temperature >= 0")
+
+
+def planned_world_size(cfg: AlignmentConfig) -> int:
+    """Processes the run will have: this job's WORLD_SIZE once launched, else the launcher's plan."""
+    if "WORLD_SIZE" in os.environ:
+        return distributed.world_size()
+    launcher = cfg.launcher
+    if launcher.name == "slurm":
+        return launcher.nodes * (launcher.gpus_per_node or launcher.cpu_procs_per_node)
+    return launcher.nproc_per_node * launcher.nnodes
+
+
+def batch_plan(cfg: AlignmentConfig) -> list[str]:
+    """Each stage's batch algebra as a line a user can check: per device x accumulation x processes."""
+    world = planned_world_size(cfg)
+    lines = []
+    for stage in cfg.stages:
+        train = getattr(cfg, stage)
+        if isinstance(train, PPOConfig):
+            lines.append(f"ppo: {train.rollout_batch_size} prompts per rollout = {train.rollout_batch_size // world} per process x {world} "
+                         f"processes; {train.mini_batch_size} rollouts per optimiser step = {train.mini_batch_size // world} per process x {world}")
+        else:
+            global_batch = train.per_device_batch_size * train.gradient_accumulation_steps * world
+            lines.append(f"{stage}: {train.per_device_batch_size} per device x {train.gradient_accumulation_steps} accumulation x "
+                         f"{world} processes = {global_batch} sequences per step")
+    return lines
+
+
+def _validate_scale_out(cfg: AlignmentConfig) -> None:
+    """Batch-size algebra, ZeRO options, LoRA and the launcher, before anything is launched."""
+    launcher, ds = cfg.launcher, cfg.deepspeed
+    if launcher.name not in ("local", "slurm"):
+        raise StageError(f"launcher.name={launcher.name!r}: use launcher=local or launcher=slurm")
+    for key in ("nproc_per_node", "nnodes", "nodes", "cpu_procs_per_node"):
+        if getattr(launcher, key) < 1:
+            raise StageError(f"launcher.{key}={getattr(launcher, key)} must be >= 1")
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise StageError(f"deepspeed.zero_stage={ds.zero_stage}: use 0 (off), 1, 2 or 3 (deepspeed=none|zero1|zero2|zero3|zero3_offload)")
+    if ds.offload_params and ds.zero_stage != 3:
+        raise StageError(f"deepspeed.offload_params=true needs ZeRO stage 3 (deepspeed.zero_stage is {ds.zero_stage}); use deepspeed=zero3_offload")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        raise StageError("deepspeed.offload_optimizer=true needs ZeRO (deepspeed=zero1|zero2|zero3)")
+    if ds.zero_stage and importlib.util.find_spec("deepspeed") is None:
+        raise StageError(f"deepspeed.zero_stage={ds.zero_stage} needs DeepSpeed, which is not installed: pip install 'alignment[deepspeed]' "
+                         f"(or run without ZeRO: deepspeed=none)")
+    world = planned_world_size(cfg)
+    for stage in cfg.stages:
+        train = getattr(cfg, stage)
+        if train.save_every_n_steps < 0 or train.keep_checkpoints < 1:
+            raise StageError(f"{stage}.save_every_n_steps must be >= 0 and {stage}.keep_checkpoints >= 1")
+        if not isinstance(train, TrainConfig):
+            continue
+        global_batch = train.per_device_batch_size * train.gradient_accumulation_steps * world
+        if train.global_batch_size is not None and train.global_batch_size != global_batch:
+            per_step = train.per_device_batch_size * world
+            hint = (f"set {stage}.gradient_accumulation_steps={train.global_batch_size // per_step}" if train.global_batch_size % per_step == 0
+                    else f"pick a global batch that is a multiple of {per_step} (per device x processes)")
+            raise StageError(
+                f"{stage}: per_device_batch_size {train.per_device_batch_size} x gradient_accumulation_steps "
+                f"{train.gradient_accumulation_steps} x {world} processes = {global_batch}, but {stage}.global_batch_size="
+                f"{train.global_batch_size}; {hint}"
+            )
+    _validate_ppo(cfg.ppo, world=world, used="ppo" in cfg.stages)
+    if cfg.model.peft not in (None, "lora", "qlora"):
+        raise StageError(f"model.peft={cfg.model.peft!r}: use lora, qlora, or leave it unset for full fine-tuning")
+    problem = qlora_problem(cfg)
+    if problem:  # before anything loads: QLoRA needs a GPU, bitsandbytes and a checkpoint on disk
+        raise StageError(problem)
+
+
+def _validate_ppo(ppo: PPOConfig, *, world: int, used: bool) -> None:
+    """PPO's batch shapes: rollouts, mini-batches and micro-batches that divide over the processes."""
+    if ppo.rollout_batch_size % ppo.mini_batch_size:
+        raise StageError(f"ppo.rollout_batch_size={ppo.rollout_batch_size} must be a multiple of ppo.mini_batch_size={ppo.mini_batch_size}")
+    if used and (ppo.rollout_batch_size % world or ppo.mini_batch_size % world):
+        raise StageError(
+            f"ppo: rollout_batch_size {ppo.rollout_batch_size} and mini_batch_size {ppo.mini_batch_size} must both divide evenly "
+            f"over {world} processes (each process samples rollout_batch_size / {world} prompts and trains on "
+            f"mini_batch_size / {world} of them per step)"
+        )
+    per_rank = ppo.mini_batch_size // world
+    if ppo.micro_batch_size is not None and (ppo.micro_batch_size < 1 or (used and per_rank % min(ppo.micro_batch_size, per_rank))):
+        raise StageError(f"ppo.micro_batch_size={ppo.micro_batch_size} must be >= 1 and divide the {per_rank} rollouts each "
+                         f"process trains on per optimiser step (ppo.mini_batch_size {ppo.mini_batch_size} / {world} processes)")
+    if ppo.max_prompt_tokens < 1:
+        raise StageError(f"ppo.max_prompt_tokens={ppo.max_prompt_tokens} must be >= 1")

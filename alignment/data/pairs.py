@@ -1,0 +1,126 @@
+"""On-policy preference pairs on the task suite, labelled by the exact verifier.
+
+For each prompt the policy samples ``samples_per_prompt`` responses; correct ones become
+*chosen*, incorrect ones *rejected*. Pairs built this way sit where the policy actually puts its
+probability mass, which is what makes DPO help: a quick trial with offline pairs whose rejected
+answer was a corrupted copy of the gold answer lowered greedy accuracy (65% -> 51%), because it
+pushed down responses the policy never produced. When no sample is correct the gold answer may
+stand in as chosen (``gold_when_no_correct``); prompts whose samples are all correct carry no
+preference and are skipped. Every outcome is counted. In a chain with a reward model, DPO can
+label its pairs with that model instead (``dpo.pair_labeler``), as large pipelines do.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any, Callable, Optional, Sequence
+
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from alignment.config import AlignmentConfig, PairsConfig, TrainConfig
+from alignment.data.sources import fingerprint_rows, stage_data, stage_source
+from alignment.data.stage_data import StageData, load_suite, preference_file_data, suite_held_out, user_turn
+from alignment.data.suite import Example, verify
+from alignment.errors import StageError
+from alignment.modeling.generation import Messages, generate
+
+
+Scorer = Callable[[list[Messages], list[str]], list[float]]
+
+
+def preference_data(run_cfg: AlignmentConfig, stage_cfg: TrainConfig, *, tokenizer: PreTrainedTokenizerBase,
+                    sampling_policy: Callable[[], PreTrainedModel], scorer: Callable[[], Optional[Scorer]] = lambda: None) -> StageData:
+    """A preference stage's pairs: from its file or mixture when it has one (converted, and checked
+    with ``tokenizer`` before any model loads), else sampled on the suite from ``sampling_policy()``
+    and labelled by ``scorer()`` (a reward model) or, when that gives None, the verifier. Both
+    callables are only called when pairs are sampled."""
+    data_cfg = stage_data(run_cfg.data, stage_cfg)
+    path = stage_source(data_cfg, stage_cfg.data_path)
+    if path is not None:
+        return preference_file_data(data_cfg, path=path, seed=run_cfg.seed, tokenizer=tokenizer, max_seq_tokens=stage_cfg.max_seq_tokens)
+    return suite_preference_data(sampling_policy(), tokenizer, pairs=stage_cfg.pairs, cfg=run_cfg, scorer=scorer())
+
+
+def sample_pairs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    *,
+    cfg: PairsConfig,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    scorer: Optional[Scorer] = None,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Conversational DPO rows (prompt/chosen/rejected message lists) and how they came about.
+
+    Labels come from the verifier, or from ``scorer`` (a reward model): then the best-scored
+    sample is chosen and lower-scored ones are rejected, and the counts record how often that
+    label agrees with the verifier (the gap between proxy and gold).
+    """
+    samples = generate(
+        model,
+        tokenizer,
+        [user_turn(e.prompt) for e in examples],
+        num_samples=cfg.samples_per_prompt,
+        temperature=cfg.temperature,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    groups = [list(dict.fromkeys(g.text for g in group)) for group in samples]  # distinct, in sampled order
+    if scorer is not None:
+        flat_prompts = [user_turn(e.prompt) for e, texts in zip(examples, groups) for _ in texts]
+        flat_scores = iter(scorer(flat_prompts, [t for texts in groups for t in texts]))
+        scores = [[next(flat_scores) for _ in texts] for texts in groups]
+    else:
+        scores = [[float(verify(e, t)) for t in texts] for e, texts in zip(examples, groups)]
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    counts: Counter[str] = Counter(prompts=len(examples))
+    for example, texts, score in zip(examples, groups, scores):
+        best = max(score)
+        chosen = [t for t, s in zip(texts, score) if s == best]
+        rejected = sorted((s, t) for t, s in zip(texts, score) if s < best)
+        if scorer is None and best == 0.0:  # no sample is correct
+            if not cfg.gold_when_no_correct:
+                counts["skipped_none_correct"] += 1
+                continue
+            chosen, rejected = [example.answer], [(0.0, t) for t in texts]
+            counts["gold_as_chosen"] += 1
+        if not rejected:
+            counts["skipped_no_preference"] += 1
+            continue
+        worst_first = [t for _, t in rejected] if scorer is not None else rng.sample([t for _, t in rejected], len(rejected))
+        for i, bad in enumerate(worst_first[: cfg.max_pairs_per_prompt]):
+            good = chosen[i % len(chosen)]
+            if scorer is not None:
+                counts["agrees_with_verifier"] += int(verify(example, good) and not verify(example, bad))
+            rows.append({"prompt": user_turn(example.prompt), "chosen": [{"role": "assistant", "content": good}],
+                         "rejected": [{"role": "assistant", "content": bad}]})
+    counts["pairs"] = len(rows)
+    return rows, dict(counts)
+
+
+def suite_preference_data(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, pairs: PairsConfig, cfg: AlignmentConfig, scorer: Optional[Scorer] = None
+) -> StageData:
+    """Train pairs sampled from ``model`` on the suite's training prompts (labelled by the
+    verifier or ``scorer``) and held-out pairs on the eval prompts, always verifier-labelled so
+    metrics measure against gold."""
+    suite = load_suite(cfg.data.suite)
+    held = suite_held_out(suite)
+    common = {"cfg": pairs, "max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size}
+    train_rows, train_counts = sample_pairs(model, tokenizer, suite.train[: pairs.n_prompts], seed=cfg.seed, scorer=scorer, **common)
+    eval_rows, eval_counts = sample_pairs(model, tokenizer, held.examples, seed=cfg.seed + 1, **common)
+    if not train_rows:
+        raise StageError("the policy's samples gave no preference pair (every sample equal?); raise <stage>.pairs.n_prompts")
+    return StageData(
+        train=Dataset.from_list(train_rows),
+        held_out=held,
+        fingerprint=f"pairs:{fingerprint_rows(train_rows)}",
+        counts={"source": "suite:on_policy", "labels": "reward_model" if scorer else "verifier", "train": train_counts, "eval": eval_counts},
+        eval_pairs=Dataset.from_list(eval_rows) if eval_rows else None,
+    )

@@ -1,0 +1,113 @@
+"""Where a stage's rows come from: a file, a ``datasets`` name, or a weighted mixture of sources.
+
+Files go through the real ``datasets.load_dataset`` code (local ``.json``/``.jsonl``/``.parquet``/
+``.csv``, or a dataset name, which needs the network) and every row is converted once by
+alignment/data/formats.py to the stage's conversational form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from alignment.config import DataConfig, StageConfig
+from alignment.data.formats import FormatError, convert_rows
+from alignment.data.mixture import Source, mix
+from alignment.errors import DataError
+
+log = logging.getLogger(__name__)
+_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+MIXTURE = "<mixture of data sources>"
+
+
+def stage_data(cfg: DataConfig, stage_cfg: StageConfig) -> DataConfig:
+    """The data config a stage reads: ``<stage>.data_sources`` (a mixture for that stage)
+    replaces data.path and data.sources; otherwise the shared one."""
+    if stage_cfg.data_sources:
+        return dataclasses.replace(cfg, path=None, sources=list(stage_cfg.data_sources))
+    return cfg
+
+
+def stage_source(cfg: DataConfig, data_path: Optional[str]) -> Optional[str]:
+    """What a stage reads: its own data_path, data.path, the data.sources mixture, or None for
+    the built-in task suite."""
+    return data_path or cfg.path or (MIXTURE if cfg.sources else None)
+
+
+def load_rows(path: str, *, split: str) -> list[dict[str, Any]]:
+    """Rows of a local file (by extension) or of a ``datasets`` name, through load_dataset."""
+    import datasets
+
+    local = Path(path).expanduser()
+    if local.suffix.lower() in _LOCAL_BUILDERS or local.exists():
+        if not local.is_file():
+            raise DataError(f"data file {local} does not exist: set data.path (or <stage>.data_path) to an existing file")
+        builder = _LOCAL_BUILDERS.get(local.suffix.lower())
+        if builder is None:
+            raise DataError(f"data file {local}: unknown extension {local.suffix!r}; use one of {sorted(_LOCAL_BUILDERS)}")
+        try:
+            loaded = datasets.load_dataset(builder, data_files=str(local.resolve()), split="train")
+        except Exception as err:  # the builders raise many types; all mean the file is unreadable
+            raise DataError(f"data file {local} could not be read as {builder}: {err}") from err
+        return loaded.to_list()
+    try:
+        return datasets.load_dataset(path, split=split).to_list()
+    except Exception as err:
+        raise DataError(
+            f"dataset {path!r} could not be loaded ({type(err).__name__}: {err}). Offline, only local files work: "
+            "pass a path to a .json/.jsonl/.parquet/.csv file"
+        ) from err
+
+
+def fingerprint_rows(rows: Sequence[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(list(rows), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def converted_rows(cfg: DataConfig, *, path: str, kind: str, seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of one file, or of the weighted mixture of data.sources, in the stage's form."""
+    if path != MIXTURE:
+        rows, counts = _convert(load_rows(path, split=cfg.split), kind=kind, source=path, fmt=cfg.format, columns=cfg.columns)
+        return rows, {"rows": len(rows), **counts}
+    sources, counts = [], {}
+    for source in cfg.sources:
+        rows, formats = _convert(load_rows(source.path, split=source.split), kind=kind, source=source.path, fmt=source.format,
+                                 columns=source.columns)
+        sources.append(Source(name=source.path, rows=rows, weight=source.weight))
+        for key, value in formats.items():
+            counts[key] = counts.get(key, 0) + value
+    try:
+        mixed, report = mix(sources, total=cfg.mixture_size, seed=seed)
+    except ValueError as err:
+        raise DataError(f"data.sources: {err}") from None
+    for name, entry in report.items():
+        log.info("mixture: %s took %d of %d rows (share %.3f, asked %.3f, %d oversampled)", name, entry["rows_taken"],
+                 entry["rows_available"], entry["share_realised"], entry["share_requested"], entry["oversampled"])
+    return mixed, {"rows": len(mixed), "mixture": report, **counts}
+
+
+def _convert(raw: list[dict[str, Any]], *, kind: str, source: str, fmt: Optional[str], columns) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    try:
+        rows, counts = convert_rows(raw, kind=kind, format=fmt, columns=dict(columns) if columns else None, source=source)
+    except FormatError as err:
+        raise DataError(str(err)) from None
+    # Scores (UltraFeedback) are kept for reporting but are not training columns.
+    rows = [{k: v for k, v in r.items() if k in ("messages", "prompt", "chosen", "rejected")} for r in rows]
+    for key, value in counts.items():
+        if key.startswith("dropped:") and value:
+            log.info("%s: %d rows %s", source, value, key)
+    return rows, {k: v for k, v in counts.items() if k.startswith(("format:", "dropped:"))}
+
+
+def file_fingerprint(path: str) -> str:
+    local = Path(path).expanduser()
+    if local.is_file():
+        digest = hashlib.sha256()
+        with open(local, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        return f"file:{digest.hexdigest()}"
+    return f"name:{path}"

@@ -1,0 +1,130 @@
+"""Scoring (prompt, response) sequences: per-token log-probs, values, and reward-model scores.
+
+Shared by PPO's rollouts, evaluation (KL, implicit rewards) and reward labelling. Each prompt and
+response is kept as token ids; ``pack`` lays them out right-padded as ``[prompt | response | pad]``
+rows and records where each response starts, so that every per-token quantity (log-probs,
+values) can be gathered into ``[batch, response_len]`` tensors aligned with ``mask``. The logits
+at position t predict token t + 1, so the response token j of row i is predicted at position
+``prompt_len_i - 1 + j``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from alignment.modeling.generation import Messages, eval_mode, render_prompts
+
+
+@dataclass
+class Packed:
+    input_ids: torch.Tensor  # [batch, width]
+    attention_mask: torch.Tensor  # [batch, width]
+    positions: torch.Tensor  # [batch, response_len]: where each response token is predicted
+    response_ids: torch.Tensor  # [batch, response_len], padded with 0
+    mask: torch.Tensor  # [batch, response_len], 1 on real response tokens
+    last_index: torch.Tensor  # [batch]: position of the last real token of each row
+
+    def to(self, device) -> "Packed":
+        return Packed(*(getattr(self, f).to(device) for f in _FIELDS))
+
+
+_FIELDS = ("input_ids", "attention_mask", "positions", "response_ids", "mask", "last_index")
+
+
+def pack(prompts: list[list[int]], responses: list[list[int]], *, pad_token_id: int) -> Packed:
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    width = max(len(s) for s in seqs)
+    resp_len = max(1, max(len(r) for r in responses))
+    input_ids = torch.tensor([s + [pad_token_id] * (width - len(s)) for s in seqs])
+    attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    positions = torch.tensor([[min(len(p) - 1 + j, width - 1) for j in range(resp_len)] for p in prompts])
+    response_ids = torch.tensor([r + [0] * (resp_len - len(r)) for r in responses])
+    mask = torch.tensor([[1.0] * len(r) + [0.0] * (resp_len - len(r)) for r in responses])
+    last_index = torch.tensor([len(s) - 1 for s in seqs])
+    return Packed(input_ids, attention_mask, positions, response_ids, mask, last_index)
+
+
+def select(packed: Packed, index: torch.Tensor) -> Packed:
+    """Rows ``index`` of a packed batch (a PPO mini-batch)."""
+    return Packed(*(getattr(packed, f)[index] for f in _FIELDS))
+
+
+def policy_forward(model: PreTrainedModel, packed: Packed, *, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-response-token log-probs ``[batch, len]`` and logits ``[batch, len, vocab]``.
+
+    Logits are divided by the sampling temperature, so the log-probs are those of the
+    distribution the responses were sampled from (as TRL does).
+    """
+    logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits
+    index = packed.positions.unsqueeze(-1).expand(-1, -1, logits.size(-1))
+    logits = torch.gather(logits, 1, index).float() / temperature
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, packed.response_ids.unsqueeze(-1)).squeeze(-1)
+    return logprobs, logits
+
+
+def _backbone_hidden(model: PreTrainedModel, packed: Packed) -> torch.Tensor:
+    backbone = getattr(model, model.base_model_prefix)
+    return backbone(input_ids=packed.input_ids, attention_mask=packed.attention_mask).last_hidden_state
+
+
+def token_values(value_model: PreTrainedModel, packed: Packed) -> torch.Tensor:
+    """V(s_t) for each response token: the scalar head applied at every position ``[batch, len]``."""
+    scores = value_model.score(_backbone_hidden(value_model, packed)).squeeze(-1).float()
+    return torch.gather(scores, 1, packed.positions)
+
+
+def sequence_scores(reward_model: PreTrainedModel, packed: Packed) -> torch.Tensor:
+    """The reward model's score of each whole sequence, read at its last real token ``[batch]``."""
+    scores = reward_model.score(_backbone_hidden(reward_model, packed)).squeeze(-1).float()
+    return scores.gather(1, packed.last_index.unsqueeze(-1)).squeeze(-1)
+
+
+def response_ids(tokenizer: PreTrainedTokenizerBase, responses: Sequence[str]) -> list[list[int]]:
+    """Each response's tokens with the end-of-sequence token that closes an assistant turn."""
+    return [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
+
+
+def response_logps(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Messages],
+    responses: Sequence[str],
+    *,
+    batch_size: int,
+) -> torch.Tensor:
+    """Sum of log-probabilities of each response (its end-of-sequence token included)."""
+    prompt_ids, answer_ids = render_prompts(tokenizer, prompts), response_ids(tokenizer, responses)
+    device = next(model.parameters()).device
+    totals = []
+    with eval_mode(model):
+        for start in range(0, len(prompt_ids), batch_size):
+            packed = pack(prompt_ids[start : start + batch_size], answer_ids[start : start + batch_size],
+                          pad_token_id=tokenizer.pad_token_id).to(device)
+            logprobs, _ = policy_forward(model, packed, temperature=1.0)
+            totals.append((logprobs * packed.mask).sum(-1).cpu())
+    return torch.cat(totals)
+
+
+def score_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Messages],
+    responses: Sequence[str],
+    *,
+    batch_size: int,
+) -> torch.Tensor:
+    """Reward of each (prompt, response), rendered with the chat template as in training and
+    read at the last real token (so a pad token equal to EOS does no harm)."""
+    prompt_ids, answer_ids = render_prompts(tokenizer, prompts), response_ids(tokenizer, responses)
+    device = next(model.parameters()).device
+    scores = []
+    with eval_mode(model):
+        for start in range(0, len(prompt_ids), batch_size):
+            packed = pack(prompt_ids[start : start + batch_size], answer_ids[start : start + batch_size],
+                          pad_token_id=tokenizer.pad_token_id).to(device)
+            scores.append(sequence_scores(model, packed).cpu())
+    return torch.cat(scores) if scores else torch.zeros(0)

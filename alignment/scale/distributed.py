@@ -1,0 +1,174 @@
+"""Several processes, one pipeline: rank helpers, the DeepSpeed config, gathered ZeRO-3 weights.
+
+The launcher (alignment/scale/launch.py, or srun under Slurm) starts one process per device with the
+usual torch.distributed environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+Every rank runs the whole pipeline: the same skip decisions (rank 0 decides and broadcasts),
+the same data and sampling (seeded alike), the same trainer steps on its shard of each batch.
+Only rank 0 writes records and checkpoints.
+
+The process group is gloo on CPU and nccl on GPUs; transformers' Trainer and DeepSpeed find it
+already initialised and use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from alignment.config import DeepSpeedConfig
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init() -> None:
+    """Join the process group when launched with several processes (no-op for one)."""
+    if world_size() > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (a collective: call it on all)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        value = value.cuda()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def deepspeed_config(ds: DeepSpeedConfig) -> Optional[dict[str, Any]]:
+    """The DeepSpeed JSON for a stage, or None without ZeRO.
+
+    Batch sizes, clipping and precision stay "auto": transformers fills them in from the stage's
+    TrainConfig (PPO resolves them itself), so there is no second place to keep in sync.
+    """
+    if ds.zero_stage == 0:
+        return None
+    zero: dict[str, Any] = {"stage": ds.zero_stage, "overlap_comm": False, "contiguous_gradients": True}
+    if ds.zero_stage == 3:
+        # Full weights on rank 0 at save time: stage boundaries write ordinary HF checkpoints.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    pin = torch.cuda.is_available()
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "zero_optimization": zero,
+        # torch's AdamW (the Trainer's) also works with offloaded states; DeepSpeed's own CPU
+        # Adam is faster on GPUs but needs a compiled extension.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
+
+
+def is_zero3(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextlib.contextmanager
+def whole_loading() -> Iterator[None]:
+    """``from_pretrained`` inside loads whole models even while a ZeRO-3 trainer exists.
+
+    transformers partitions every model loaded while a ZeRO-3 TrainingArguments is alive (a
+    global weak reference); our models are loaded before their trainer and sampled from, so
+    they must be whole. The trainer shards them when it starts.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    active = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if active is not None:
+            hf_deepspeed.set_hf_deepspeed_config(active)
+
+
+def unsharded(model: torch.nn.Module, path: str, *, loader) -> torch.nn.Module:
+    """A whole copy of ``model`` for evaluation after training: under ZeRO-3 the weights are
+    partitioned, so the committed checkpoint ``path`` is loaded back with ``loader`` (an Auto
+    class); otherwise ``model`` itself."""
+    if not is_zero3(model):
+        return model
+    with whole_loading():
+        return loader.from_pretrained(path).eval()
+
+
+def all_gather_cat(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``values`` (same shape on each), concatenated in rank order."""
+    if not dist.is_initialized():
+        return values
+    parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, values.contiguous())
+    return torch.cat(parts)
+
+
+def mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
+    """Each float statistic averaged over ranks (same keys on every rank), so that logs, the KL
+    controller and the health check see the whole batch and take the same decisions."""
+    if not dist.is_initialized():
+        return stats
+    keys = sorted(k for k, v in stats.items() if isinstance(v, float))
+    values = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return {**stats, **{k: float(v) / dist.get_world_size() for k, v in zip(keys, values.tolist())}}
+
+
+@contextlib.contextmanager
+def generation_weights(engine, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Whole weights for sampling from a model being trained under ZeRO-3: gathered once for the
+    whole generation, with DeepSpeed's per-layer fetch hooks removed meanwhile (as TRL does),
+    which would otherwise gather and release every layer at every generated token."""
+    if engine is None or not is_zero3(model):
+        yield model
+        return
+    import deepspeed
+    from trl.models.utils import add_hooks, remove_hooks
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        remove_hooks(engine)
+        try:
+            yield model
+        finally:
+            add_hooks(engine)

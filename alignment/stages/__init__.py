@@ -1,0 +1,24 @@
+"""The stages: each a module with one ``train_<stage>(cfg, ctx) -> StageResult``.
+
+``sft``, ``reward`` and ``dpo`` are TRL-backed and share one skeleton (trl_stage.py); ``ppo`` is
+our own loop (ppo/). A stage imports the shared layers (common.py, alignment/data, modeling,
+scale, tracking), never another stage. The pipeline imports a stage's module when it runs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+# stage name -> the module that holds train_<stage>
+MODULES = {"sft": "alignment.stages.sft", "reward": "alignment.stages.reward", "dpo": "alignment.stages.dpo",
+           "ppo": "alignment.stages.ppo.stage"}
+# Stages whose checkpoint is a policy (a causal LM). Every stage starts from the latest of
+# these: the reward model from the SFT policy, and PPO or DPO after a reward stage from the
+# same SFT policy (the reward model is their second input, not their parent).
+POLICY_STAGES = ("sft", "dpo", "ppo")
+
+
+def runner(stage: str) -> Callable:
+    """``train_<stage>`` from its module (imported now: TRL and its trainers load only when used)."""
+    return getattr(importlib.import_module(MODULES[stage]), f"train_{stage}")

@@ -1,0 +1,93 @@
+"""PPO against a reward model: the RLHF step of Ziegler et al. (2019) and Ouyang et al. (2022).
+
+TRL 1.x no longer ships PPO, so it is written here in TRL's spirit: the maths are the pure
+functions of maths.py, the rollout (sample, score, advantages) is rollout.py, the loop with its
+updates and mid-stage checkpoints is loop.py, and the optimiser over policy and value (one
+process, several, or DeepSpeed) is engine.py. This module sets the stage up and records it.
+
+Models: the policy starts from the latest policy checkpoint (SFT), a frozen copy of it is the
+reference (with LoRA: the same network with its adapters disabled), the reward model comes from
+the chain's reward stage (or ``ppo.reward_from``), and the value model starts from the reward
+model (``ppo.value_from=reward``) or from the policy.
+
+    python -m alignment.run +recipe=sft_rm_ppo
+    python -m alignment.run +recipe=sft_rm_ppo ppo.kl_estimator=k3 ppo.adaptive_kl=true ppo.kl_target=0.5
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers import AutoModelForCausalLM
+
+from alignment.config import PPOConfig
+from alignment.data.stage_data import prompt_data
+from alignment.errors import StageError
+from alignment.evaluate import evaluate_held_out, kl_to_reference, policy_reward_score
+from alignment.modeling import lora
+from alignment.modeling.generation import render_prompts
+from alignment.modeling.loading import load_reward_model, load_value_model_from_policy
+from alignment.records import StageResult
+from alignment.scale.distributed import unsharded
+from alignment.stages.common import (
+    StageContext,
+    find_reward_model,
+    load_policy,
+    padding_free,
+    require_policy_start,
+    save_checkpoint,
+    seed_everything,
+    stage_result,
+    stage_tokenizer,
+)
+from alignment.stages.ppo.engine import PPOEngine
+from alignment.stages.ppo.loop import ppo_loop
+
+
+def train_ppo(cfg: PPOConfig, ctx: StageContext) -> StageResult:
+    """Run the PPO stage described by ``cfg``."""
+    seed_everything(ctx)
+    require_policy_start(ctx)
+    reward_start = find_reward_model(cfg.reward_from, ctx, key="ppo.reward_from")
+    tokenizer = stage_tokenizer(ctx)
+    messages, examples, data = prompt_data(ctx.cfg.data, cfg, seed=ctx.cfg.seed, tokenizer=tokenizer)  # checked before models load
+    prompts = [ids[-cfg.max_prompt_tokens:] for ids in render_prompts(tokenizer, messages)]  # over-long: keep the end
+    policy = padding_free(load_policy(ctx, tokenizer), ctx)  # with model.peft: a PeftModel (fresh, or init_from's adapter)
+    if lora.is_peft(policy):
+        if ctx.start.adapter:
+            lora.add_reference_adapter(policy)  # a continued adapter: the reference is its frozen copy
+        reference = lora.ReferenceView(policy)  # no second model: the same weights, adapters disabled
+    else:
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    reward_model, reward_tokenizer = load_reward_model(reward_start.path, ctx.cfg.model)
+    reward_model = padding_free(reward_model, ctx).eval().requires_grad_(False)
+    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise StageError(f"ppo: the reward model {reward_start.path} uses another tokenizer than the policy; train it from the same base")
+    value_model = _value_model(cfg, ctx, reward_start.path)
+
+    engine = PPOEngine(cfg, ctx, policy=policy, value_model=value_model)
+    history = ppo_loop(cfg, ctx, engine=engine, reference=reference, reward_model=reward_model, tokenizer=tokenizer,
+                       prompts=prompts, examples=examples)
+
+    with engine.whole_policy() as whole:
+        saved = save_checkpoint(whole, tokenizer, ctx)
+    policy = unsharded(policy, saved.path, loader=AutoModelForCausalLM)
+    metrics: dict[str, Any] = {"train_steps": len(history), "history": history, **{f"final/{k}": v for k, v in history[-1].items()}}
+    metrics["stopped_early"] = history[-1].get("stopped_early")
+    if ctx.cfg.eval.enabled:
+        held, eval_cfg = data.held_out, ctx.cfg.eval
+        metrics.update(evaluate_held_out(policy, tokenizer, held, cfg=eval_cfg, seed=ctx.cfg.seed))
+        metrics["kl_to_parent"] = kl_to_reference(policy, reference, tokenizer, held, cfg=eval_cfg, seed=ctx.cfg.seed + 2)
+        metrics["reward_model_score"] = policy_reward_score(policy, tokenizer, reward_model, held, cfg=eval_cfg, seed=ctx.cfg.seed + 3)
+    return stage_result(ctx, cfg, saved=saved, data=data, metrics=metrics, inputs={"reward_model": reward_start.record()})
+
+
+def _value_model(cfg: PPOConfig, ctx: StageContext, reward_path: str):
+    if cfg.value_from == "reward":
+        model, _ = load_reward_model(reward_path, ctx.cfg.model)
+    else:
+        model = load_value_model_from_policy(ctx.start.path)
+    model = padding_free(model, ctx)
+    model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    return lora.unwrap(lora.attach(model, ctx.cfg, task=lora.SEQ_CLS, adapter=None))  # token_values reads .score
