@@ -17,6 +17,9 @@ The tested versions are the ranges in pyproject.toml.
 - ``trainer._metrics``: where TRL's trainers count trained tokens (SFT's ``train_tokens`` metric).
 - ``trl.models.utils.add_hooks/remove_hooks``: DeepSpeed's ZeRO-3 fetch hooks, removed while PPO
   samples from gathered weights.
+- ``DPOTrainer._prepare_dataset(dataset, processing_class, args, dataset_name)``: overridden so
+  that sampled pairs train on their own token ids (alignment/stages/dpo.py). Without it DPO
+  cannot run on sampled pairs: a stop, not a slowdown.
 """
 
 from __future__ import annotations
@@ -72,6 +75,16 @@ def _trainer_metrics() -> bool:
         return False
 
 
+def _dpo_prepare_dataset() -> bool:
+    try:
+        from trl import DPOTrainer
+
+        params = list(inspect.signature(DPOTrainer._prepare_dataset).parameters)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
+    return params == ["self", "dataset", "processing_class", "args", "dataset_name"]
+
+
 def _zero3_hooks() -> bool:
     try:
         utils = importlib.import_module("trl.models.utils")
@@ -93,6 +106,8 @@ _CHECKS: tuple[tuple[str, Callable[[AlignmentConfig], bool], str, Callable[[], b
     ("trainer._metrics (TRL)", lambda cfg: "sft" in cfg.stages, "SFT's train_tokens metric is not recorded", _trainer_metrics),
     ("trl.models.utils.add_hooks/remove_hooks", lambda cfg: cfg.deepspeed.zero_stage == 3 and "ppo" in cfg.stages,
      "PPO sampling under ZeRO-3 gathers every layer at every generated token", _zero3_hooks),
+    ("DPOTrainer._prepare_dataset(dataset, processing_class, args, dataset_name)", lambda cfg: "dpo" in cfg.stages,
+     "DPO on sampled pairs cannot keep their token ids (TRL would re-tokenize their text)", _dpo_prepare_dataset),
 )
 
 

@@ -1,8 +1,11 @@
-"""Typed configuration: the one place where every default lives.
+"""Typed configuration: the schema, and every default that suits a real model.
 
 Each Hydra config group (``model``, ``data``, ``sft``, ``dpo``, ``eval``) is a dataclass below,
-registered in Hydra's ConfigStore as the schema of that group. The YAML files under ``conf/``
-only name alternatives; recipes under ``recipes/`` only list stages and override what differs.
+registered in Hydra's ConfigStore as the schema of that group. The defaults here are for a real
+pretrained model trained in full (learning rates, lengths and batch sizes as TRL and the usual
+recipes set them). A model preset (``conf/model/*.yaml``) overrides what suits its model: the
+embedded toy's values live in ``conf/model/tiny.yaml`` (the default preset), SmolLM2's in
+``conf/model/smollm2.yaml``. Recipes under ``recipes/`` only list stages and override what differs.
 Because the schema is structured, ``dpo.betta=0.2`` or ``sft.learning_rate=abc`` fails while
 Hydra composes the config, before anything is loaded.
 
@@ -51,7 +54,14 @@ class ModelConfig:
     to start from a real model instead; the architecture fields are then ignored.
     """
 
+    # The preset (conf/model/<preset>.yaml) whose training defaults the run uses; each preset file
+    # sets it. "tiny" is the embedded toy: a real name_or_path under it is refused.
+    preset: str = "hf"
     name_or_path: Optional[str] = None
+    # A GGUF file inside the name_or_path directory (or hub repository), as transformers names it:
+    # the weights are dequantised to ``dtype`` and the tokenizer is read from the same file
+    # (pip install 'alignment[gguf]'). Stage checkpoints are ordinary safetensors.
+    gguf_file: Optional[str] = None
     tokenizer_name_or_path: Optional[str] = None  # defaults to name_or_path
     # A Jinja chat template for real tokenizers that have none (or whose template does not
     # mark assistant turns with {% generation %}); None keeps the tokenizer's own.
@@ -133,10 +143,10 @@ class DataConfig:
 class StageConfig:
     """What every stage reads: its start, its data, its optimiser and its mid-stage checkpoints."""
 
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-5
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
-    adam_beta2: float = 0.95  # 0.95, not torch's 0.999: steadier for short runs at high learning rates
+    adam_beta2: float = 0.999
     max_grad_norm: float = 1.0
     logging_every_n_steps: int = 10
     # Starting checkpoint: None takes the parent stage's checkpoint (or model.* for the first
@@ -157,28 +167,26 @@ class StageConfig:
 class TrainConfig(StageConfig):
     """A stage trained by a TRL trainer over a dataset: batches, epochs, schedule, lengths."""
 
-    per_device_batch_size: int = 32
+    per_device_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     # Optional: the sequences per optimiser step you intend. When set it must equal
     # per_device_batch_size x gradient_accumulation_steps x processes, checked before launch.
     global_batch_size: Optional[int] = None
     num_epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides num_epochs
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = 0.03
     lr_scheduler: str = "cosine"
     # Recompute activations in the backward pass: less memory, about a third more compute. Off
     # unless memory needs it (TRL's configs turn it on by default; we say it here instead).
     gradient_checkpointing: bool = False
-    max_seq_tokens: int = 128  # prompt + response, in tokens
+    max_seq_tokens: int = 1024  # prompt + response, in tokens
 
 
 @dataclass
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning on instruction/response pairs (TRL SFTTrainer)."""
 
-    learning_rate: float = 1e-3
-    per_device_batch_size: int = 32
-    num_epochs: float = 1.0
+    learning_rate: float = 2e-5
     assistant_only_loss: bool = True  # loss on assistant tokens only, via {% generation %}
 
 
@@ -187,9 +195,11 @@ class PairsConfig:
     """How DPO preference pairs are made on the task suite: sample the parent policy, label by
     the verifier, pair a correct response (chosen) with an incorrect one (rejected)."""
 
-    n_prompts: int = 4000
+    n_prompts: int = 2000
     samples_per_prompt: int = 4
     temperature: float = 1.0
+    max_new_tokens: int = 256  # longest sampled reply, in tokens
+    batch_size: int = 64  # sequences per generate() call
     max_pairs_per_prompt: int = 2
     # When no sample of a prompt is correct, use the gold answer as the chosen response.
     gold_when_no_correct: bool = True
@@ -200,30 +210,25 @@ class RewardConfig(TrainConfig):
     """A reward model: the policy's transformer with a scalar head (num_labels=1), trained with
     the Bradley-Terry loss -log sigmoid(r(chosen) - r(rejected) - margin) (TRL RewardTrainer)."""
 
-    learning_rate: float = 3e-4
-    per_device_batch_size: int = 32
-    num_epochs: float = 3.0
+    learning_rate: float = 1e-5
     margin: float = 0.0  # a fixed margin the chosen reward must beat the rejected one by
     center_rewards_coefficient: Optional[float] = None  # e.g. 0.01: pulls mean reward to 0
-    # More prompts than DPO: single runs on one SFT checkpoint gave held-out pair accuracy 0.74-0.78
-    # with 4k prompts, 0.78 with 8k (lr 3e-4, 2 epochs) and 0.87 with 12k (lr 3e-4, 3 epochs).
-    pairs: PairsConfig = field(default_factory=lambda: PairsConfig(n_prompts=12000))
+    pairs: PairsConfig = field(default_factory=PairsConfig)
 
 
 @dataclass
 class DPOConfig(TrainConfig):
     """Direct preference optimisation (TRL DPOTrainer) against the frozen parent policy."""
 
-    learning_rate: float = 1e-4
-    per_device_batch_size: int = 64
+    learning_rate: float = 5e-7
     beta: float = 0.1
     loss_type: str = "sigmoid"  # any TRL DPO loss type: sigmoid, ipo, hinge, robust, ...
     # Weight of an NLL term on the chosen response added to the preference loss (RPO, Pang et
     # al. 2024); 0 is plain DPO. Plain DPO on near-miss pairs lowers the likelihood of the chosen
     # answer too and pushes mass onto tokens no demonstration used ("likelihood displacement",
-    # Razin et al. 2024); the NLL term anchors the chosen answer. On the embedded default it
-    # made DPO's gain steady across runs instead of hit-or-miss.
-    sft_loss_weight: float = 1.0
+    # Razin et al. 2024); the NLL term anchors the chosen answer. On the embedded toy it made DPO's
+    # gain steady across runs instead of hit-or-miss (conf/model/tiny.yaml sets 1.0).
+    sft_loss_weight: float = 0.0
     # Reference log-probs computed once before training (TRL's precompute_ref_log_probs) instead
     # of a reference forward in every step; no reference model is held meanwhile, which frees
     # its memory on a GPU. None: when it saves work, i.e. num_epochs > 1 (each pair's reference
@@ -241,8 +246,8 @@ class PPOConfig(StageConfig):
     """PPO against a reward model (Ziegler et al. 2019; Ouyang et al. 2022), written here in TRL's
     spirit: maths in alignment/stages/ppo/maths.py, a readable loop in alignment/stages/ppo/loop.py."""
 
-    learning_rate: float = 1e-5  # 1e-4 lowered gold accuracy on the embedded default; 1e-5 raised it
-    num_rollouts: int = 80  # rollout batches; each is followed by ppo_epochs of updates
+    learning_rate: float = 1e-6
+    num_rollouts: int = 100  # rollout batches; each is followed by ppo_epochs of updates
     rollout_batch_size: int = 64  # prompts per rollout
     mini_batch_size: int = 16  # rollouts per optimiser step
     # Rows per forward (and backward) on each process, for scoring rollouts and for training;
@@ -251,7 +256,7 @@ class PPOConfig(StageConfig):
     micro_batch_size: Optional[int] = None
     ppo_epochs: int = 2
     temperature: float = 1.0
-    max_new_tokens: int = 16
+    max_new_tokens: int = 256
     kl_estimator: str = "k1"  # k1 (log-ratio) or k3 (non-negative, lower variance)
     kl_coef: float = 0.05
     adaptive_kl: bool = False  # Ziegler et al.'s controller towards kl_target over kl_horizon
@@ -265,14 +270,17 @@ class PPOConfig(StageConfig):
     whiten_advantages: bool = True
     normalize_scores: bool = True  # running mean/std of reward-model scores
     score_clip: Optional[float] = 5.0  # after normalisation
-    missing_eos_penalty: float = -1.0  # added to the score of a response that never ends
+    # Subtracted from the score of a response that never emits EOS (TRL's sign convention: a
+    # positive number penalises truncation); 0 turns it off.
+    missing_eos_penalty: float = 1.0
     value_from: str = "reward"  # value model init: "reward" (the reward model) or "policy"
     reward_from: Optional[str] = None  # a reward stage or HF dir; default: the chain's reward stage
     stop_on_hacking: bool = False  # the health check warns; with this it also stops the stage
     n_prompts: int = 4000  # training prompts drawn from the suite (or the prompt file)
     # Prompt files are checked like every data file (alignment/data/checks.py); a longer prompt
     # follows data.over_length (truncate keeps its last max_prompt_tokens tokens).
-    max_prompt_tokens: int = 128
+    max_prompt_tokens: int = 1024
+
 
 @dataclass
 class EvalConfig:
@@ -282,8 +290,8 @@ class EvalConfig:
     n_prompts: Optional[int] = None  # None: every held-out prompt
     samples_per_prompt: int = 4  # sampled accuracy uses this many samples at `temperature`
     temperature: float = 1.0
-    max_new_tokens: int = 16
-    batch_size: int = 256
+    max_new_tokens: int = 256
+    batch_size: int = 64  # sequences per generate() call
     eval_start_model: bool = True  # also evaluate the model the first stage starts from
 
 

@@ -23,6 +23,7 @@ from alignment.tracking.choose import check_config as check_tracking
 
 def check_config(cfg: AlignmentConfig) -> None:
     """Cross-field rules, checked before any model or data is loaded."""
+    _check_model(cfg)
     if not cfg.stages:
         raise StageError("no stages to run: pick a recipe with +recipe=NAME (see README: sft_then_dpo, sft, dpo)")
     unknown = [s for s in cfg.stages if s not in MODULES]
@@ -132,6 +133,23 @@ def _validate_scale_out(cfg: AlignmentConfig) -> None:
         raise StageError(problem)
 
 
+def _check_model(cfg: AlignmentConfig) -> None:
+    """A real model under the toy's preset, and GGUF without what it needs."""
+    model = cfg.model
+    if model.preset == "tiny" and model.name_or_path:
+        raise StageError(
+            f"model.name_or_path={model.name_or_path} is set, but the model preset is the embedded toy's (model=tiny, the "
+            f"default), whose training defaults suit a 0.44M-parameter model only (learning rate 1e-3, 128 tokens, batches of "
+            f"32). Pick a preset for a real model: model=hf model.name_or_path={model.name_or_path} (defaults for a real "
+            f"model, alignment/config.py) or model=smollm2, or your own (README: 'A preset for your own model')")
+    if model.gguf_file:
+        if not model.name_or_path:
+            raise StageError("model.gguf_file is set but model.name_or_path is not: name the directory (or hub repository) that "
+                             "holds the GGUF file, e.g. model.name_or_path=/models/smollm2 model.gguf_file=model.Q4_1.gguf")
+        if importlib.util.find_spec("gguf") is None:
+            raise StageError(f"model.gguf_file={model.gguf_file} needs the gguf package to read the file: pip install 'alignment[gguf]'")
+
+
 def _validate_ppo(ppo: PPOConfig, *, world: int, used: bool) -> None:
     """PPO's batch shapes: rollouts, mini-batches and micro-batches that divide over the processes."""
     if ppo.rollout_batch_size % ppo.mini_batch_size:
@@ -148,3 +166,6 @@ def _validate_ppo(ppo: PPOConfig, *, world: int, used: bool) -> None:
                          f"process trains on per optimiser step (ppo.mini_batch_size {ppo.mini_batch_size} / {world} processes)")
     if ppo.max_prompt_tokens < 1:
         raise StageError(f"ppo.max_prompt_tokens={ppo.max_prompt_tokens} must be >= 1")
+    if ppo.missing_eos_penalty < 0:
+        raise StageError(f"ppo.missing_eos_penalty={ppo.missing_eos_penalty} must be >= 0: it is subtracted from the score of a "
+                         f"response that never ends (TRL's convention); a negative value would reward truncation")

@@ -25,8 +25,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from alignment.config import EvalConfig
 from alignment.data.stage_data import HeldOut, user_turn
 from alignment.data.suite import Example, verify
-from alignment.modeling.generation import Generation, Messages, generate
-from alignment.modeling.scoring import response_logps, score_responses
+from alignment.modeling.generation import Generation, Messages, as_rendered, generate, render_prompts, turn_tail
+from alignment.modeling.scoring import render_replies, response_logps, score_responses
 
 
 def evaluate_policy(
@@ -68,18 +68,18 @@ def evaluate_held_out(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     return evaluate_policy(model, tokenizer, cfg=cfg, examples=held.examples, unseen=held.unseen, prompts=held.prompts, seed=seed)
 
 
-def kl_to_reference(policy, reference, tokenizer, held, *, cfg: EvalConfig, seed: int) -> float:
+def kl_to_reference(policy, reference, tokenizer, held: HeldOut, *, cfg: EvalConfig, seed: int) -> float:
     """Monte-Carlo KL(pi || pi_ref) per response: mean of log pi(y) - log pi_ref(y), y ~ pi, on
-    the held-out prompts (``held`` is an ``alignment.data.HeldOut``)."""
+    the held-out prompts, each y scored on exactly the tokens that were sampled (a reply cut at
+    max_new_tokens is scored without the EOS it never produced)."""
     prompts = held_out_prompts(held, cfg)
     if not prompts:
         return float("nan")
     samples = generate(policy, tokenizer, prompts, num_samples=1, temperature=1.0, max_new_tokens=cfg.max_new_tokens,
                        batch_size=cfg.batch_size, seed=seed)
-    responses = [group[0].text for group in samples]
-    diff = response_logps(policy, tokenizer, prompts, responses, batch_size=cfg.batch_size) - response_logps(
-        reference, tokenizer, prompts, responses, batch_size=cfg.batch_size
-    )
+    prompt_ids, replies = render_prompts(tokenizer, prompts), [list(group[0].token_ids) for group in samples]
+    common = {"pad_token_id": tokenizer.pad_token_id, "batch_size": cfg.batch_size}
+    diff = response_logps(policy, prompt_ids, replies, **common) - response_logps(reference, prompt_ids, replies, **common)
     return float(diff.mean())
 
 
@@ -110,7 +110,10 @@ def policy_reward_score(policy, tokenizer, reward_model, held: HeldOut, *, cfg: 
     prompts = held_out_prompts(held, cfg)
     samples = generate(policy, tokenizer, prompts, num_samples=1, temperature=cfg.temperature,
                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=seed)
-    scores = score_responses(reward_model, tokenizer, prompts, [s[0].text for s in samples], batch_size=cfg.batch_size)
+    tail = turn_tail(tokenizer)
+    replies = [as_rendered(group[0], tail) for group in samples]  # as the reward model was trained to read them
+    scores = score_responses(reward_model, render_prompts(tokenizer, prompts), replies, pad_token_id=tokenizer.pad_token_id,
+                             batch_size=cfg.batch_size)
     return float(scores.mean()) if len(scores) else float("nan")
 
 
@@ -118,9 +121,10 @@ def pair_metrics(model, tokenizer, pairs: Dataset, *, batch_size: int) -> dict[s
     """A reward model on held-out pairs: pairwise accuracy, mean rewards of chosen and rejected,
     and the AUC with which its scores separate chosen from rejected responses (over every
     scored response, each pair contributing one of each)."""
-    prompts = pairs["prompt"]
-    chosen = score_responses(model, tokenizer, prompts, [c[-1]["content"] for c in pairs["chosen"]], batch_size=batch_size)
-    rejected = score_responses(model, tokenizer, prompts, [r[-1]["content"] for r in pairs["rejected"]], batch_size=batch_size)
+    prompt_ids, chosen_ids, rejected_ids = pair_ids(tokenizer, pairs)
+    common = {"pad_token_id": tokenizer.pad_token_id, "batch_size": batch_size}
+    chosen = score_responses(model, prompt_ids, chosen_ids, **common)
+    rejected = score_responses(model, prompt_ids, rejected_ids, **common)
     return {
         "pairwise_accuracy": float((chosen > rejected).float().mean()),
         "reward_chosen_mean": float(chosen.mean()),
@@ -128,6 +132,17 @@ def pair_metrics(model, tokenizer, pairs: Dataset, *, batch_size: int) -> dict[s
         "correct_vs_incorrect_auc": roc_auc(positives=chosen, negatives=rejected),
         "eval_pairs": len(pairs),
     }
+
+
+def pair_ids(tokenizer, pairs: Dataset) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """(prompt, chosen, rejected) token ids of preference pairs as the trainers see them: the ids a
+    sampled pair carries, or the chat template's rendering of a text pair (as TRL renders it)."""
+    if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(pairs.column_names):
+        return pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"]
+    prompts = pairs["prompt"]
+    prompt_ids, chosen = render_replies(tokenizer, prompts, [c[-1]["content"] for c in pairs["chosen"]])
+    _, rejected = render_replies(tokenizer, prompts, [r[-1]["content"] for r in pairs["rejected"]])
+    return prompt_ids, chosen, rejected
 
 
 def roc_auc(*, positives: torch.Tensor, negatives: torch.Tensor) -> float:
@@ -143,9 +158,9 @@ def preference_metrics(policy, reference, tokenizer, pairs: Optional[Dataset], *
     it ranks right and its mean margin."""
     if pairs is None or len(pairs) == 0:
         return {}
-    prompts, chosen, rejected = pairs["prompt"], [c[-1]["content"] for c in pairs["chosen"]], [r[-1]["content"] for r in pairs["rejected"]]
+    prompts, chosen, rejected = pair_ids(tokenizer, pairs)
     logp = {
-        name: response_logps(model, tokenizer, prompts, responses, batch_size=batch_size)
+        name: response_logps(model, prompts, responses, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
         for name, model, responses in (
             ("pc", policy, chosen), ("pr", policy, rejected), ("rc", reference, chosen), ("rr", reference, rejected)
         )

@@ -101,7 +101,7 @@ def _start_point(cfg: AlignmentConfig, stage_cfg: StageConfig, parent: Optional[
     if parent is not None:
         return StartPoint(parent.checkpoint, parent.checkpoint_hash, parent.stage)
     if cfg.model.name_or_path:
-        return resolve_start(cfg.model.name_or_path, run_dir=run_dir)
+        return resolve_start(cfg.model.name_or_path, run_dir=run_dir, gguf_file=cfg.model.gguf_file)
     return StartPoint(None, None)
 
 

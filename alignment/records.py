@@ -99,10 +99,11 @@ def read_result(stage_dir: Path) -> Optional[StageResult]:
         return None
 
 
-def hash_directory(directory: Path) -> str:
-    """sha256 over every file's relative path and bytes, in sorted order."""
+def hash_directory(directory: Path, *, only: Optional[list[str]] = None) -> str:
+    """sha256 over every file's relative path and bytes, in sorted order (``only``: these files)."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+    files = [directory / name for name in only] if only is not None else [p for p in directory.rglob("*") if p.is_file()]
+    for path in sorted(files):
         digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
         with open(path, "rb") as handle:
             while chunk := handle.read(_HASH_CHUNK_BYTES):

@@ -7,7 +7,7 @@ import torch
 from alignment.config import ModelConfig
 from alignment.modeling.embedded import build_model, build_tokenizer
 from alignment.modeling.generation import generate
-from alignment.modeling.scoring import response_logps
+from alignment.modeling.scoring import render_replies, response_logps
 
 
 def _tiny():
@@ -33,10 +33,12 @@ def test_generate_shapes_and_determinism():
 def test_response_logps_match_manual_sum():
     model, tok = _tiny()
     responses = ["5", "cba"]
-    got = response_logps(model, tok, PROMPTS, responses, batch_size=2)
+    prompt_ids, reply_ids = render_replies(tok, PROMPTS, responses)
+    got = response_logps(model, prompt_ids, reply_ids, pad_token_id=tok.pad_token_id, batch_size=2)
     for i, (prompt, response) in enumerate(zip(PROMPTS, responses)):
         p = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
         r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert (prompt_ids[i], reply_ids[i]) == (p, r), "the toy's template: reply tokens then <|end|>, nothing after"
         ids = torch.tensor([p + r])
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)

@@ -253,6 +253,6 @@ def test_qlora_sft_runs_on_a_4bit_base(tmp_path):
     tok = build_tokenizer()
     build_model(TINY_MODEL, tok).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
-    _, (result,) = _run("sft", tmp_path / "out", "model.peft=qlora", f"model.name_or_path={tmp_path / 'base'}", "model.dtype=bfloat16")
+    _, (result,) = _run("sft", tmp_path / "out", "model=hf", "model.peft=qlora", f"model.name_or_path={tmp_path / 'base'}", "model.dtype=bfloat16")
     assert result.inputs["peft"]["method"] == "qlora"
     AutoModelForCausalLM.from_pretrained(result.checkpoint)

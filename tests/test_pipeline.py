@@ -102,7 +102,7 @@ def test_real_model_and_local_data_through_from_pretrained(tmp_path, run_recipe)
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows))
     (tmp_path / "pairs.json").write_text(json.dumps(pair_rows))
     cfg, (sft, dpo) = run_recipe(
-        "sft_then_dpo", f"model.name_or_path={model_dir}", f"data={tmp_path / 'sft.jsonl'}", f"dpo.data_path={tmp_path / 'pairs.json'}"
+        "sft_then_dpo", "model=hf", f"model.name_or_path={model_dir}", f"data={tmp_path / 'sft.jsonl'}", f"dpo.data_path={tmp_path / 'pairs.json'}"
     )
     assert cfg.data.path == str(tmp_path / "sft.jsonl")
     assert sft.parent_checkpoint == str(model_dir.resolve()) and sft.parent_checkpoint_hash

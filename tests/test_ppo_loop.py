@@ -35,7 +35,7 @@ def test_packed_logprobs_are_each_rows_own_next_token_logprobs():
             alone = torch.log_softmax(model(input_ids=torch.tensor([prompt + response])).logits[0], dim=-1)
             by_hand = [float(alone[len(prompt) - 1 + j, token]) for j, token in enumerate(response)]
             assert torch.allclose(logprobs[row, : len(response)], torch.tensor(by_hand), atol=1e-5)
-        total = response_logps(model, tok, PROMPTS, responses, batch_size=2)  # the evaluation's sum: the same tokens
+        total = response_logps(model, prompt_ids, response_ids, pad_token_id=tok.pad_token_id, batch_size=2)  # the evaluation's sum
         assert torch.allclose(total, (logprobs * packed.mask).sum(-1), atol=1e-4)
 
 
@@ -76,14 +76,15 @@ def test_reward_labelled_pairs_prefer_the_higher_score():
     model = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tok)
     examples = build_suite(seed=0, n_train=8, n_eval=0).train
 
-    def by_length(prompts, responses):  # a stand-in reward model: longer is better
-        return [float(len(r)) for r in responses]
+    def by_length(prompt_ids, reply_ids):  # a stand-in reward model: more tokens is better
+        return [float(len(r)) for r in reply_ids]
 
-    rows, counts = sample_pairs(model, tok, examples, cfg=PairsConfig(samples_per_prompt=4), max_new_tokens=6, batch_size=32,
+    rows, counts = sample_pairs(model, tok, examples, cfg=PairsConfig(samples_per_prompt=4, max_new_tokens=6, batch_size=32),
                                 seed=0, scorer=by_length)
     assert rows and counts["pairs"] == len(rows)
     for row in rows:
-        assert len(row["chosen"][0]["content"]) > len(row["rejected"][0]["content"])
+        assert len(row["chosen_ids"]) > len(row["rejected_ids"])
+        assert tok.decode(row["chosen_ids"], skip_special_tokens=True) == row["chosen"][0]["content"], "ids and text agree"
 
 
 def _step(gold, reward, entropy=1.0, kl=0.1, ratio=1.0):

@@ -198,6 +198,9 @@ def test_clip_scores():
     torch.testing.assert_close(clip_scores(t(-7.0, 0.5, 9.0), clip=3.0), t(-3.0, 0.5, 3.0))
 
 
-def test_eos_penalty_only_on_rows_that_never_ended():
+def test_eos_penalty_is_subtracted_from_rows_that_never_ended_as_in_trl():
+    """TRL's convention: missing_eos_penalty is a positive number taken off the score of a reply
+    that never emitted EOS, so a ported TRL config penalises truncation (never rewards it)."""
     scores, ended = t(1.0, 2.0, 3.0), torch.tensor([True, False, True])
-    torch.testing.assert_close(eos_penalty_scores(scores, ended, penalty=-1.0), t(1.0, 1.0, 3.0))
+    torch.testing.assert_close(eos_penalty_scores(scores, ended, penalty=1.0), t(1.0, 1.0, 3.0))
+    torch.testing.assert_close(eos_penalty_scores(scores, ended, penalty=0.5), t(1.0, 1.5, 3.0))

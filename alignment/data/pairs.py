@@ -24,10 +24,11 @@ from alignment.data.sources import fingerprint_rows, stage_data, stage_source
 from alignment.data.stage_data import StageData, load_suite, preference_file_data, suite_held_out, user_turn
 from alignment.data.suite import Example, verify
 from alignment.errors import StageError
-from alignment.modeling.generation import Messages, generate
+from alignment.modeling.generation import as_rendered, generate, render_prompts, render_reply, turn_tail
 
 
-Scorer = Callable[[list[Messages], list[str]], list[float]]
+# A reward model as a labeller: (prompt ids, reply ids as rendered) -> one score per reply.
+Scorer = Callable[[list[list[int]], list[list[int]]], list[float]]
 
 
 def preference_data(run_cfg: AlignmentConfig, stage_cfg: TrainConfig, *, tokenizer: PreTrainedTokenizerBase,
@@ -49,38 +50,41 @@ def sample_pairs(
     examples: Sequence[Example],
     *,
     cfg: PairsConfig,
-    max_new_tokens: int,
-    batch_size: int,
     seed: int,
     scorer: Optional[Scorer] = None,
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Conversational DPO rows (prompt/chosen/rejected message lists) and how they came about.
+    """Preference rows and how they came about.
 
-    Labels come from the verifier, or from ``scorer`` (a reward model): then the best-scored
-    sample is chosen and lower-scored ones are rejected, and the counts record how often that
-    label agrees with the verifier (the gap between proxy and gold).
+    Each row holds the conversation (prompt/chosen/rejected message lists, for people and for
+    the verifier) and the token ids the trainers use (``prompt_ids``/``chosen_ids``/
+    ``rejected_ids``): a sampled reply is trained on exactly the tokens that were sampled (plus,
+    when it ended, the template's tail after EOS, as the template renders a finished turn), never
+    on a decode-and-encode of its text. Labels come from the verifier, or from ``scorer`` (a
+    reward model): then the best-scored sample is chosen and lower-scored ones are rejected, and
+    the counts record how often that label agrees with the verifier (the gap between proxy and gold).
     """
-    samples = generate(
-        model,
-        tokenizer,
-        [user_turn(e.prompt) for e in examples],
-        num_samples=cfg.samples_per_prompt,
-        temperature=cfg.temperature,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        seed=seed,
-    )
-    groups = [list(dict.fromkeys(g.text for g in group)) for group in samples]  # distinct, in sampled order
+    prompts = [user_turn(e.prompt) for e in examples]
+    samples = generate(model, tokenizer, prompts, num_samples=cfg.samples_per_prompt, temperature=cfg.temperature,
+                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=seed)
+    tail = turn_tail(tokenizer)
+    prompt_ids = render_prompts(tokenizer, prompts)
+    groups = []  # per prompt: distinct replies by text, in sampled order, each with its rendered ids
+    for group in samples:
+        distinct: dict[str, list[int]] = {}
+        for generation in group:
+            distinct.setdefault(generation.text, as_rendered(generation, tail))
+        groups.append(distinct)
     if scorer is not None:
-        flat_prompts = [user_turn(e.prompt) for e, texts in zip(examples, groups) for _ in texts]
-        flat_scores = iter(scorer(flat_prompts, [t for texts in groups for t in texts]))
-        scores = [[next(flat_scores) for _ in texts] for texts in groups]
+        flat = [(ids, reply) for ids, replies in zip(prompt_ids, groups) for reply in replies.values()]
+        flat_scores = iter(scorer([p for p, _ in flat], [r for _, r in flat]))
+        scores = [[next(flat_scores) for _ in replies] for replies in groups]
     else:
-        scores = [[float(verify(e, t)) for t in texts] for e, texts in zip(examples, groups)]
+        scores = [[float(verify(e, text)) for text in replies] for e, replies in zip(examples, groups)]
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
     counts: Counter[str] = Counter(prompts=len(examples))
-    for example, texts, score in zip(examples, groups, scores):
+    for example, prompt, ids, replies, score in zip(examples, prompts, prompt_ids, groups, scores):
+        texts = list(replies)
         best = max(score)
         chosen = [t for t, s in zip(texts, score) if s == best]
         rejected = sorted((s, t) for t, s in zip(texts, score) if s < best)
@@ -89,6 +93,7 @@ def sample_pairs(
                 counts["skipped_none_correct"] += 1
                 continue
             chosen, rejected = [example.answer], [(0.0, t) for t in texts]
+            replies = {**replies, example.answer: render_reply(tokenizer, prompt, example.answer)[1]}
             counts["gold_as_chosen"] += 1
         if not rejected:
             counts["skipped_no_preference"] += 1
@@ -98,8 +103,9 @@ def sample_pairs(
             good = chosen[i % len(chosen)]
             if scorer is not None:
                 counts["agrees_with_verifier"] += int(verify(example, good) and not verify(example, bad))
-            rows.append({"prompt": user_turn(example.prompt), "chosen": [{"role": "assistant", "content": good}],
-                         "rejected": [{"role": "assistant", "content": bad}]})
+            rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": good}],
+                         "rejected": [{"role": "assistant", "content": bad}],
+                         "prompt_ids": ids, "chosen_ids": replies[good], "rejected_ids": replies[bad]})
     counts["pairs"] = len(rows)
     return rows, dict(counts)
 
@@ -112,7 +118,7 @@ def suite_preference_data(
     metrics measure against gold."""
     suite = load_suite(cfg.data.suite)
     held = suite_held_out(suite)
-    common = {"cfg": pairs, "max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size}
+    common = {"cfg": pairs}
     train_rows, train_counts = sample_pairs(model, tokenizer, suite.train[: pairs.n_prompts], seed=cfg.seed, scorer=scorer, **common)
     eval_rows, eval_counts = sample_pairs(model, tokenizer, held.examples, seed=cfg.seed + 1, **common)
     if not train_rows:

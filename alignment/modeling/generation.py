@@ -19,9 +19,13 @@ Messages = list[dict[str, str]]
 
 @dataclass(frozen=True)
 class Generation:
-    text: str
-    num_tokens: int  # generated tokens, the end-of-sequence token included when emitted
+    text: str  # the reply decoded without its end-of-sequence token, for verifiers and people
+    token_ids: tuple[int, ...]  # the sampled tokens themselves, EOS included when emitted: what is scored
     ended: bool  # emitted end-of-sequence before max_new_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Messages]) -> list[list[int]]:
@@ -29,6 +33,33 @@ def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Message
         tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
         for p in prompts
     ]
+
+
+def render_reply(tokenizer: PreTrainedTokenizerBase, prompt: Messages, reply: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, reply ids) of a text reply as TRL's trainers tokenize it: the chat template's
+    rendering of prompt + assistant turn, split where it leaves the prompt's own rendering (so the
+    reply's ids include its EOS and whatever the template writes after it)."""
+    prompt_ids = render_prompts(tokenizer, [prompt])[0]
+    whole = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reply}], tokenize=True, return_dict=True)["input_ids"]
+    shared = 0
+    while shared < min(len(prompt_ids), len(whole)) and prompt_ids[shared] == whole[shared]:
+        shared += 1
+    return prompt_ids[:shared], whole[shared:]
+
+
+def turn_tail(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens the chat template writes after an assistant reply's EOS (ChatML: a newline).
+    Generation stops at EOS and never samples them; appended to a sampled reply that ended, they
+    make it the sequence the template (and so every trainer) renders for that reply."""
+    _, reply = render_reply(tokenizer, [{"role": "user", "content": "x"}], "y")
+    eos = tokenizer.eos_token_id
+    return reply[len(reply) - reply[::-1].index(eos):] if eos in reply else []
+
+
+def as_rendered(generation: Generation, tail: Sequence[int]) -> list[int]:
+    """A sampled reply's token ids as the chat template renders a finished turn (``tail`` from
+    :func:`turn_tail` after the EOS); a reply cut at max_new_tokens stays as sampled."""
+    return list(generation.token_ids) + (list(tail) if generation.ended else [])
 
 
 @contextmanager
@@ -78,7 +109,7 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], temperature: float
     for tokens in generate_ids(model, tokenizer, batch, temperature=temperature, max_new_tokens=max_new_tokens, device=device):
         ended = bool(tokens) and tokens[-1] == tokenizer.eos_token_id
         text_tokens = tokens[:-1] if ended else tokens
-        results.append(Generation(tokenizer.decode(text_tokens, skip_special_tokens=True), len(tokens), ended))
+        results.append(Generation(tokenizer.decode(text_tokens, skip_special_tokens=True), tuple(tokens), ended))
     return results
 
 

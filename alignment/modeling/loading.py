@@ -25,6 +25,7 @@ from transformers import (
 from alignment.config import ModelConfig
 from alignment.errors import StageError
 from alignment.modeling import embedded, lora
+from alignment.modeling.gguf import as_plain_model
 from alignment.scale.distributed import whole_loading
 
 
@@ -35,23 +36,51 @@ def dtype_of(name: str) -> torch.dtype:
         raise StageError(f"model.dtype={name!r} is not one of float32, bfloat16, float16") from None
 
 
-def load_tokenizer(ref: Optional[str], model_cfg: ModelConfig, *, key: str = "model.name_or_path") -> PreTrainedTokenizerBase:
-    """The tokenizer at ``ref`` (None: the embedded one) with a chat template and a pad token, so
-    data can be rendered and checked before any model loads. ``key`` names the setting that
-    chose ``ref``, for the error message."""
+def load_tokenizer(ref: Optional[str], model_cfg: ModelConfig, *, key: str = "model.name_or_path",
+                   gguf_file: Optional[str] = None) -> PreTrainedTokenizerBase:
+    """The tokenizer at ``ref`` (None: the embedded one; ``gguf_file``: the one inside that GGUF
+    file of ``ref``) with a chat template and a pad token, so data can be rendered and checked
+    before any model loads. ``key`` names the setting that chose ``ref``, for the error message.
+
+    A tokenizer without a chat template gets :func:`fallback_chat_template`, written for its own
+    end-of-sequence token; one without a pad token pads with its EOS token (the pad positions are
+    masked everywhere, and reward models are read where training read them: see scoring.py)."""
     if ref is None:
         return embedded.build_tokenizer()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref)
-    except OSError as err:
-        raise StageError(f"could not load a tokenizer from {ref!r} ({err}); check {key}") from err
+        tokenizer = AutoTokenizer.from_pretrained(ref, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError) as err:
+        raise StageError(f"could not load a tokenizer from {ref!r}{f' ({gguf_file})' if gguf_file else ''} ({err}); check {key}") from err
+    if tokenizer.eos_token is None:
+        raise StageError(f"the tokenizer of {ref!r} has no end-of-sequence token, so generation could never stop; set "
+                         f"model.tokenizer_name_or_path to a tokenizer that has one")
     if model_cfg.chat_template:
         tokenizer.chat_template = model_cfg.chat_template
     elif not tokenizer.chat_template:
-        tokenizer.chat_template = embedded.CHAT_TEMPLATE
+        tokenizer.chat_template = fallback_chat_template(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def fallback_chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A chat template for a tokenizer that has none (a base model): plain ``User:`` /
+    ``Assistant:`` lines, each assistant turn closed by the tokenizer's own EOS token (so SFT
+    teaches the model to stop where generation stops) and marked with ``{% generation %}`` (so the
+    SFT loss covers the replies only). The space after ``Assistant:`` belongs to the reply: a
+    sentencepiece or BPE vocabulary merges it into the reply's first token. The embedded toy's template ends turns with its own EOS
+    text ``<|end|>``; in a real vocabulary that string is plain text, not EOS."""
+    bos = "{{ bos_token }}" if tokenizer.bos_token else ""
+    return (
+        bos + "{% for message in messages %}"
+        "{% if message['role'] == 'assistant' %}"
+        "Assistant:{% generation %} {{ message['content'] }}{{ eos_token }}{% endgeneration %}{{ '\\n' }}"
+        "{% else %}"
+        "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}Assistant:{% endif %}"
+    )
 
 
 def build_embedded_policy(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -59,15 +88,22 @@ def build_embedded_policy(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizer
     return embedded.build_model(model_cfg, tokenizer).to(dtype_of(model_cfg.dtype))
 
 
-def load_causal_lm(path: str, model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, key: str) -> PreTrainedModel:
-    """A causal LM from ``path`` in the configured dtype and attention kernel (4-bit under QLoRA)."""
+def load_causal_lm(path: str, model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, key: str,
+                   gguf_file: Optional[str] = None) -> PreTrainedModel:
+    """A causal LM from ``path`` in the configured dtype and attention kernel (4-bit under QLoRA);
+    from a GGUF file of ``path`` when ``gguf_file`` is given (transformers dequantises it to the
+    configured dtype)."""
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         with whole_loading():
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype_of(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation, **lora.load_kwargs(model_cfg)
+                path, dtype=dtype_of(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation, **lora.load_kwargs(model_cfg),
+                **extra,
             )
     except OSError as err:
-        raise StageError(f"could not load a model from {path!r} ({err}); check {key}") from err
+        raise StageError(f"could not load a model from {path!r}{f' ({gguf_file})' if gguf_file else ''} ({err}); check {key}") from err
+    if gguf_file:
+        as_plain_model(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -81,7 +117,8 @@ def load_reward_model(path: str, model_cfg: ModelConfig) -> tuple[PreTrainedMode
         tokenizer = AutoTokenizer.from_pretrained(path)
         with whole_loading():
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, attn_implementation=model_cfg.attn_implementation, **lora.load_kwargs(model_cfg)
+                path, num_labels=1, dtype=dtype_of(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation,
+                **lora.load_kwargs(model_cfg)
             )
     except OSError as err:
         raise StageError(f"could not load a reward model from {path!r} ({err})") from err

@@ -28,7 +28,7 @@ that ``ref`` copy itself in both cases (a fresh adapter's copy is zero: the same
 
     python -m alignment.run +recipe=sft_then_dpo model.peft=lora model.lora.r=8
     python -m alignment.run +recipe=dpo model.peft=lora dpo.init_from=outputs/sft_then_dpo/sft/adapter
-    python -m alignment.run +recipe=sft_then_dpo model.peft=qlora model.name_or_path=/path/to/hf_model model.dtype=bfloat16
+    python -m alignment.run +recipe=sft_then_dpo model=hf model.peft=qlora model.name_or_path=/path/to/hf_model model.dtype=bfloat16
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from alignment.config import AlignmentConfig, LoraConfig, ModelConfig
 from alignment.errors import ConfigError
 from alignment.modeling import embedded
+from alignment.modeling.gguf import as_plain_model
 from alignment.records import commit_checkpoint, hash_directory, new_checkpoint_dir
 from alignment.scale import distributed
 
@@ -247,12 +248,13 @@ def save(
     merged_dir: Path,
     base: Optional[str],
     state_dict: Optional[dict[str, torch.Tensor]] = None,
+    gguf_file: Optional[str] = None,
 ) -> dict[str, Any]:
     """Write the trained adapter to ``<stage_dir>/adapter/`` (atomically: a temporary directory
     renamed into place) and the merged model into ``merged_dir``; return the adapter's record.
 
-    ``base`` is what the stage started from (None: the embedded model); ``state_dict`` the
-    gathered weights under ZeRO-3. Runs on one rank.
+    ``base`` is what the stage started from (None: the embedded model; ``gguf_file``: a GGUF file
+    in it); ``state_dict`` the gathered weights under ZeRO-3. Runs on one rank.
     """
     final = stage_dir / ADAPTER_DIR
     tmp = new_checkpoint_dir(stage_dir, name=ADAPTER_DIR)
@@ -264,7 +266,7 @@ def save(
             tokenizer.save_pretrained(tmp / "base")
             base = str((final / "base").resolve())
         else:
-            base_model = _load_unquantised(base, cfg=cfg.model, task=task, tokenizer=tokenizer)
+            base_model = _load_unquantised(base, cfg=cfg.model, task=task, tokenizer=tokenizer, gguf_file=gguf_file)
         model.peft_config[TRAINED].base_model_name_or_path = base
         # No stage resizes the vocabulary, so no embedding matrix goes with the adapter (and peft
         # does not look the base up on the hub to check).
@@ -286,6 +288,7 @@ def save(
         "adapter": str(final.resolve()),
         "adapter_hash": hash_directory(final),
         "base": base,
+        **({"base_gguf_file": gguf_file} if gguf_file else {}),
         "task": task,
         "r": lora.r,
         "alpha": lora.lora_alpha,
@@ -293,15 +296,19 @@ def save(
     }
 
 
-def _load_unquantised(base: Optional[str], *, cfg: ModelConfig, task: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def _load_unquantised(base: Optional[str], *, cfg: ModelConfig, task: str, tokenizer: PreTrainedTokenizerBase,
+                      gguf_file: Optional[str] = None) -> PreTrainedModel:
     """The base again, on the CPU in the configured dtype, for merging (and, for the embedded
     model, for writing out: it is rebuilt from config with the same seed, so identical)."""
     dtype = getattr(torch, cfg.dtype)
     if base is None:
         return embedded.build_model(cfg, tokenizer).to(dtype)
     extra = {"num_labels": 1} if task == SEQ_CLS else {}
+    if gguf_file:
+        extra["gguf_file"] = gguf_file
     with distributed.whole_loading():
-        return _AUTO_MODEL[task].from_pretrained(base, dtype=dtype, **extra)
+        model = _AUTO_MODEL[task].from_pretrained(base, dtype=dtype, **extra)
+    return as_plain_model(model) if gguf_file else model
 
 
 def _bitsandbytes_installed() -> bool:

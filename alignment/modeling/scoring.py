@@ -1,11 +1,19 @@
 """Scoring (prompt, response) sequences: per-token log-probs, values, and reward-model scores.
 
-Shared by PPO's rollouts, evaluation (KL, implicit rewards) and reward labelling. Each prompt and
-response is kept as token ids; ``pack`` lays them out right-padded as ``[prompt | response | pad]``
-rows and records where each response starts, so that every per-token quantity (log-probs,
-values) can be gathered into ``[batch, response_len]`` tensors aligned with ``mask``. The logits
-at position t predict token t + 1, so the response token j of row i is predicted at position
-``prompt_len_i - 1 + j``.
+Shared by PPO's rollouts, evaluation (KL, implicit rewards) and reward labelling. Everything is
+scored on token ids: a sampled reply on exactly the ids that were sampled (never decoded and
+encoded again, which with BPE gives other tokens), a text reply on the chat template's rendering
+that TRL's trainers use (``render_replies``). ``pack`` lays prompts and replies out right-padded
+as ``[prompt | reply | pad]`` rows and records where each reply starts, so that every per-token
+quantity (log-probs, values) can be gathered into ``[batch, reply_len]`` tensors aligned with
+``mask``. The logits at position t predict token t + 1, so the reply token j of row i is
+predicted at position ``prompt_len_i - 1 + j``.
+
+A reward model's score is read where the sequence-classification head pools it in training:
+at the last token that is not the pad token (transformers' rule, which TRL's RewardTrainer
+uses). With pad == EOS that is the token before EOS, or, for a ChatML reply, the newline the
+template writes after it; sampled replies that ended get that same template tail
+(generation.as_rendered) before they are scored.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from alignment.modeling.generation import Messages, eval_mode, render_prompts
+from alignment.modeling.generation import Messages, eval_mode, render_reply
 
 
 @dataclass
@@ -26,13 +34,12 @@ class Packed:
     positions: torch.Tensor  # [batch, response_len]: where each response token is predicted
     response_ids: torch.Tensor  # [batch, response_len], padded with 0
     mask: torch.Tensor  # [batch, response_len], 1 on real response tokens
-    last_index: torch.Tensor  # [batch]: position of the last real token of each row
 
     def to(self, device) -> "Packed":
         return Packed(*(getattr(self, f).to(device) for f in _FIELDS))
 
 
-_FIELDS = ("input_ids", "attention_mask", "positions", "response_ids", "mask", "last_index")
+_FIELDS = ("input_ids", "attention_mask", "positions", "response_ids", "mask")
 
 
 def pack(prompts: list[list[int]], responses: list[list[int]], *, pad_token_id: int) -> Packed:
@@ -44,8 +51,7 @@ def pack(prompts: list[list[int]], responses: list[list[int]], *, pad_token_id: 
     positions = torch.tensor([[min(len(p) - 1 + j, width - 1) for j in range(resp_len)] for p in prompts])
     response_ids = torch.tensor([r + [0] * (resp_len - len(r)) for r in responses])
     mask = torch.tensor([[1.0] * len(r) + [0.0] * (resp_len - len(r)) for r in responses])
-    last_index = torch.tensor([len(s) - 1 for s in seqs])
-    return Packed(input_ids, attention_mask, positions, response_ids, mask, last_index)
+    return Packed(input_ids, attention_mask, positions, response_ids, mask)
 
 
 def select(packed: Packed, index: torch.Tensor) -> Packed:
@@ -72,59 +78,45 @@ def _backbone_hidden(model: PreTrainedModel, packed: Packed) -> torch.Tensor:
 
 
 def token_values(value_model: PreTrainedModel, packed: Packed) -> torch.Tensor:
-    """V(s_t) for each response token: the scalar head applied at every position ``[batch, len]``."""
+    """V(s_t) for each reply token: the scalar head applied at every position ``[batch, len]``."""
     scores = value_model.score(_backbone_hidden(value_model, packed)).squeeze(-1).float()
     return torch.gather(scores, 1, packed.positions)
 
 
 def sequence_scores(reward_model: PreTrainedModel, packed: Packed) -> torch.Tensor:
-    """The reward model's score of each whole sequence, read at its last real token ``[batch]``."""
-    scores = reward_model.score(_backbone_hidden(reward_model, packed)).squeeze(-1).float()
-    return scores.gather(1, packed.last_index.unsqueeze(-1)).squeeze(-1)
+    """The reward model's score of each sequence ``[batch]``, pooled by the model's own head as in
+    training: at the last token that is not ``config.pad_token_id``."""
+    return reward_model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits[:, 0].float()
 
 
-def response_ids(tokenizer: PreTrainedTokenizerBase, responses: Sequence[str]) -> list[list[int]]:
-    """Each response's tokens with the end-of-sequence token that closes an assistant turn."""
-    return [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
+def render_replies(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Messages], replies: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt and reply token ids of text replies as the trainers render them (chat template)."""
+    pairs = [render_reply(tokenizer, prompt, reply) for prompt, reply in zip(prompts, replies)]
+    return [p for p, _ in pairs], [r for _, r in pairs]
 
 
-def response_logps(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[Messages],
-    responses: Sequence[str],
-    *,
-    batch_size: int,
-) -> torch.Tensor:
-    """Sum of log-probabilities of each response (its end-of-sequence token included)."""
-    prompt_ids, answer_ids = render_prompts(tokenizer, prompts), response_ids(tokenizer, responses)
+def response_logps(model: PreTrainedModel, prompt_ids: Sequence[list[int]], reply_ids: Sequence[list[int]], *, pad_token_id: int,
+                   batch_size: int) -> torch.Tensor:
+    """Sum of the log-probabilities of each reply's tokens given its prompt ``[batch]``."""
     device = next(model.parameters()).device
     totals = []
     with eval_mode(model):
         for start in range(0, len(prompt_ids), batch_size):
-            packed = pack(prompt_ids[start : start + batch_size], answer_ids[start : start + batch_size],
-                          pad_token_id=tokenizer.pad_token_id).to(device)
+            packed = pack(list(prompt_ids[start : start + batch_size]), list(reply_ids[start : start + batch_size]),
+                          pad_token_id=pad_token_id).to(device)
             logprobs, _ = policy_forward(model, packed, temperature=1.0)
             totals.append((logprobs * packed.mask).sum(-1).cpu())
-    return torch.cat(totals)
+    return torch.cat(totals) if totals else torch.zeros(0)
 
 
-def score_responses(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[Messages],
-    responses: Sequence[str],
-    *,
-    batch_size: int,
-) -> torch.Tensor:
-    """Reward of each (prompt, response), rendered with the chat template as in training and
-    read at the last real token (so a pad token equal to EOS does no harm)."""
-    prompt_ids, answer_ids = render_prompts(tokenizer, prompts), response_ids(tokenizer, responses)
+def score_responses(model: PreTrainedModel, prompt_ids: Sequence[list[int]], reply_ids: Sequence[list[int]], *, pad_token_id: int,
+                    batch_size: int) -> torch.Tensor:
+    """A reward model's score of each (prompt, reply) ``[batch]`` (see :func:`sequence_scores`)."""
     device = next(model.parameters()).device
     scores = []
     with eval_mode(model):
         for start in range(0, len(prompt_ids), batch_size):
-            packed = pack(prompt_ids[start : start + batch_size], answer_ids[start : start + batch_size],
-                          pad_token_id=tokenizer.pad_token_id).to(device)
+            packed = pack(list(prompt_ids[start : start + batch_size]), list(reply_ids[start : start + batch_size]),
+                          pad_token_id=pad_token_id).to(device)
             scores.append(sequence_scores(model, packed).cpu())
     return torch.cat(scores) if scores else torch.zeros(0)

@@ -44,6 +44,19 @@ def init() -> None:
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
 
 
+def device() -> torch.device:
+    """The device this process trains and samples on: its GPU (``LOCAL_RANK``) when there is one,
+    else the CPU. Every model a stage samples from or scores with is placed here."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def collective_device() -> torch.device:
+    """Where tensors for a collective must live: NCCL only reduces GPU tensors, gloo CPU ones."""
+    return device() if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -62,9 +75,7 @@ def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on at least one (a collective: call it on all)."""
     if not dist.is_initialized():
         return flag
-    value = torch.tensor([1.0 if flag else 0.0])
-    if dist.get_backend() == "nccl":
-        value = value.cuda()
+    value = torch.tensor([1.0 if flag else 0.0], device=collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
 
@@ -139,9 +150,10 @@ def all_gather_cat(values: torch.Tensor) -> torch.Tensor:
     """Every rank's ``values`` (same shape on each), concatenated in rank order."""
     if not dist.is_initialized():
         return values
-    parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, values.contiguous())
-    return torch.cat(parts)
+    moved = values.to(collective_device()).contiguous()
+    parts = [torch.empty_like(moved) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, moved)
+    return torch.cat(parts).to(values.device)
 
 
 def mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
@@ -150,7 +162,7 @@ def mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
     if not dist.is_initialized():
         return stats
     keys = sorted(k for k, v in stats.items() if isinstance(v, float))
-    values = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+    values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=collective_device())
     dist.all_reduce(values)
     return {**stats, **{k: float(v) / dist.get_world_size() for k, v in zip(keys, values.tolist())}}
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generic, Optional, TypeVar
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from alignment.config import AlignmentConfig, StageConfig
@@ -29,17 +30,20 @@ class StartPoint:
     """The checkpoint a stage starts from. ``path`` None means the embedded model from config.
 
     An adapter start (init_from an adapter directory) has ``adapter`` set, ``path`` its base and
-    ``hash`` the adapter directory's content hash.
+    ``hash`` the adapter directory's content hash. A GGUF start (``model.gguf_file``) has
+    ``gguf_file`` set: the file inside the directory ``path``, and ``hash`` that file's.
     """
 
     path: Optional[str]
     hash: Optional[str]
     parent_stage: Optional[str] = None
     adapter: Optional[str] = None
+    gguf_file: Optional[str] = None
 
     @property
     def label(self) -> str:
         base = self.path or "embedded model (model.* config)"
+        base = f"{base}/{self.gguf_file}" if self.gguf_file else base
         return f"{base} + adapter {self.adapter}" if self.adapter else base
 
     def record(self) -> dict[str, Any]:
@@ -86,9 +90,11 @@ class SavedCheckpoint:
     adapter: Optional[dict[str, Any]] = None
 
 
-def resolve_start(ref: str, *, run_dir: Path) -> StartPoint:
-    """A start point from ``init_from``: a stage directory, an adapter directory (peft), an HF
-    directory or a hub id."""
+def resolve_start(ref: str, *, run_dir: Path, gguf_file: Optional[str] = None) -> StartPoint:
+    """A start point from ``init_from`` or ``model.name_or_path``: a stage directory, an adapter
+    directory (peft), an HF directory, a directory holding ``gguf_file``, or a hub id."""
+    if gguf_file:
+        return _gguf_start(ref, gguf_file)
     candidates = [Path(ref).expanduser(), run_dir / ref]
     for path in candidates:
         record = read_result(path) if path.is_dir() else None
@@ -107,6 +113,16 @@ def resolve_start(ref: str, *, run_dir: Path) -> StartPoint:
     if ref.startswith((".", "/", "~")) or Path(ref).suffix:
         raise StageError(f"init_from={ref}: no stage directory (with result.json) or HF model directory (with config.json) there")
     return StartPoint(ref, None)  # a hub id: from_pretrained resolves it (needs the network)
+
+
+def _gguf_start(ref: str, gguf_file: str) -> StartPoint:
+    local = Path(ref).expanduser() / gguf_file
+    if local.is_file():
+        return StartPoint(str(Path(ref).expanduser().resolve()), hash_directory(local.parent, only=[local.name]), gguf_file=gguf_file)
+    if ref.startswith((".", "/", "~")) or Path(ref).is_dir():
+        raise StageError(f"model.gguf_file={gguf_file}: no such file in model.name_or_path={ref}; name the GGUF file inside "
+                         f"that directory (transformers' gguf_file), e.g. model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf")
+    return StartPoint(ref, None, gguf_file=gguf_file)  # a hub repository's GGUF file (needs the network)
 
 
 def find_reward_model(ref: Optional[str], ctx: StageContext, *, key: str) -> StartPoint:
@@ -138,17 +154,28 @@ def stage_tokenizer(ctx: StageContext) -> PreTrainedTokenizerBase:
         return load_tokenizer(None, model_cfg)
     if ctx.is_first and model_cfg.tokenizer_name_or_path:
         return load_tokenizer(model_cfg.tokenizer_name_or_path, model_cfg, key="model.tokenizer_name_or_path")
-    return load_tokenizer(ctx.start.path, model_cfg, key=f"model.name_or_path / {ctx.stage}.init_from")
+    return load_tokenizer(ctx.start.path, model_cfg, key=f"model.name_or_path / {ctx.stage}.init_from", gguf_file=ctx.start.gguf_file)
 
 
 def load_policy(ctx: StageContext, tokenizer: PreTrainedTokenizerBase, *, trainable: bool = True) -> PreTrainedModel:
-    """The causal LM the stage starts from. With model.peft set, a policy the stage trains comes
-    wrapped in LoRA adapters (fresh, or the start point's adapter); see alignment/modeling/lora.py."""
+    """The causal LM the stage starts from, on the stage's device. With model.peft set, a policy the
+    stage trains comes wrapped in LoRA adapters (fresh, or the start point's adapter); see
+    alignment/modeling/lora.py."""
     if ctx.start.path is None:
         model = build_embedded_policy(ctx.cfg.model, tokenizer)
     else:
-        model = load_causal_lm(ctx.start.path, ctx.cfg.model, tokenizer, key=f"model.name_or_path / {ctx.stage}.init_from")
-    return lora.attach(model, ctx.cfg, task=lora.CAUSAL_LM, adapter=ctx.start.adapter, trainable=trainable)
+        model = load_causal_lm(ctx.start.path, ctx.cfg.model, tokenizer, key=f"model.name_or_path / {ctx.stage}.init_from",
+                               gguf_file=ctx.start.gguf_file)
+    return place(lora.attach(model, ctx.cfg, task=lora.CAUSAL_LM, adapter=ctx.start.adapter, trainable=trainable))
+
+
+def place(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` on the device this process trains on (its GPU, else the CPU): every model a stage
+    samples from or scores with, so generation and scoring never run on the CPU of a GPU node.
+    A 4-bit QLoRA base was placed by its loader (``device_map``) and stays there."""
+    if getattr(lora.unwrap(model), "hf_device_map", None) is None:
+        model.to(distributed.device())
+    return model
 
 
 def padding_free(model: PreTrainedModel, ctx: StageContext) -> PreTrainedModel:
@@ -180,7 +207,7 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             adapter = None
             if lora.is_peft(model):
                 adapter = lora.save(model, tokenizer, cfg=ctx.cfg, stage_dir=ctx.stage_dir, merged_dir=tmp, base=ctx.start.path,
-                                    state_dict=state_dict)
+                                    state_dict=state_dict, gguf_file=ctx.start.gguf_file)
             else:
                 model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
                 shutil.rmtree(ctx.stage_dir / lora.ADAPTER_DIR, ignore_errors=True)  # from an earlier LoRA run: stale

@@ -31,6 +31,7 @@ from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer
 
 from alignment.config import DPOConfig
+from alignment.errors import StageError
 from alignment.data.pairs import Scorer, preference_data
 from alignment.evaluate import evaluate_held_out, kl_to_reference, policy_reward_score, preference_metrics
 from alignment.modeling import compact_head, lora
@@ -38,7 +39,7 @@ from alignment.modeling.loading import load_reward_model
 from alignment.modeling.scoring import score_responses
 from alignment.records import StageResult
 from alignment.scale.distributed import unsharded
-from alignment.stages.common import Lazy, StageContext, find_reward_model, load_policy, padding_free, require_policy_start
+from alignment.stages.common import Lazy, StageContext, find_reward_model, load_policy, padding_free, place, require_policy_start
 from alignment.stages.trl_stage import Prepared, TRLStage, run_trl_stage, trainer_kwargs
 
 
@@ -50,7 +51,7 @@ def train_dpo(cfg: DPOConfig, ctx: StageContext) -> StageResult:
 def prepare(cfg: DPOConfig, ctx: StageContext, tokenizer) -> Prepared:
     require_policy_start(ctx)
     policy = Lazy(lambda: padding_free(load_policy(ctx, tokenizer), ctx))  # pairs are sampled from the policy being trained
-    labeler = Lazy(lambda: _reward_labeler(cfg, ctx))
+    labeler = Lazy(lambda: _reward_labeler(cfg, ctx, tokenizer))
     data = preference_data(ctx.cfg, cfg, tokenizer=tokenizer, sampling_policy=policy, scorer=lambda: labeler()[0])
     model = policy()
     inputs, reward_model = {}, None
@@ -85,8 +86,8 @@ def build_trainer(cfg: DPOConfig, ctx: StageContext, prepared: Prepared, **overr
         losses = {"loss_type": [cfg.loss_type, "sft"], "loss_weights": [1.0, cfg.sft_loss_weight]}
     args = TRLDPOConfig(**{**trainer_kwargs(cfg, ctx), **overrides}, beta=cfg.beta,
                         precompute_ref_log_probs=precompute_reference(cfg), **losses)
-    trainer = DPOTrainer(model=prepared.model, ref_model=prepared.extras["reference"], args=args, train_dataset=prepared.data.train,
-                         processing_class=prepared.tokenizer)
+    trainer = DPOTrainerOnIds(model=prepared.model, ref_model=prepared.extras["reference"], args=args, train_dataset=prepared.data.train,
+                              processing_class=prepared.tokenizer)
     compact_head.score_labelled_only(trainer)  # TRL's fused LM head, on labelled positions only
     return trainer
 
@@ -99,7 +100,7 @@ def evaluate(cfg: DPOConfig, ctx: StageContext, prepared: Prepared, policy) -> d
     if reference is None:  # LoRA: the adapter-disabled model; precomputed: the parent, loaded again
         reference = (lora.ReferenceView(prepared.model) if lora.is_peft(prepared.model)
                      else padding_free(load_policy(ctx, tokenizer, trainable=False), ctx))
-    reference = unsharded(reference, ctx.start.path, loader=AutoModelForCausalLM)
+    reference = place(unsharded(reference, ctx.start.path, loader=AutoModelForCausalLM))
     held = data.held_out
     metrics = evaluate_held_out(policy, tokenizer, held, cfg=eval_cfg, seed=ctx.cfg.seed)
     metrics.update(preference_metrics(policy, reference, tokenizer, data.eval_pairs, beta=cfg.beta, batch_size=eval_cfg.batch_size))
@@ -115,7 +116,25 @@ def evaluate(cfg: DPOConfig, ctx: StageContext, prepared: Prepared, policy) -> d
 DPO = TRLStage(prepare=prepare, build_trainer=build_trainer, evaluate=evaluate, loader=AutoModelForCausalLM)
 
 
-def _reward_labeler(cfg: DPOConfig, ctx: StageContext) -> tuple[Optional[Scorer], Any, Any]:
+class DPOTrainerOnIds(DPOTrainer):
+    """TRL's DPOTrainer, taking rows that already carry their token ids (``prompt_ids``,
+    ``chosen_ids``, ``rejected_ids``, as sampled pairs do) as they are: TRL would render their
+    text with the chat template and tokenize it again, which with BPE is not the sequence that
+    was sampled. Text rows (a pairs file) go through TRL's own tokenization. Overrides TRL's
+    private ``_prepare_dataset`` (alignment/compat.py checks its signature at start-up)."""
+
+    _COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if not set(self._COLUMNS) <= set(dataset.column_names):
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        dataset = dataset.select_columns(list(self._COLUMNS))
+        if args.max_length is not None and args.truncation_mode == "keep_start":  # as TRL: a prompt that fills max_length teaches nothing
+            dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length)
+        return dataset
+
+
+def _reward_labeler(cfg: DPOConfig, ctx: StageContext, tokenizer) -> tuple[Optional[Scorer], Any, Any]:
     """(scorer, reward model, its start point) when a reward model labels the sampled pairs
     (``dpo.pair_labeler``), else (None, None, None): the verifier labels them."""
     use_reward = cfg.pair_labeler == "reward" or (cfg.pair_labeler == "auto" and (cfg.reward_from or "reward" in ctx.previous))
@@ -123,9 +142,13 @@ def _reward_labeler(cfg: DPOConfig, ctx: StageContext) -> tuple[Optional[Scorer]
         return None, None, None
     reward_start = find_reward_model(cfg.reward_from, ctx, key="dpo.reward_from")
     reward_model, reward_tokenizer = load_reward_model(reward_start.path, ctx.cfg.model)
-    padding_free(reward_model, ctx)
+    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise StageError(f"dpo: the reward model {reward_start.path} uses another tokenizer than the policy, so it cannot score the "
+                         f"policy's token ids; train it from the same base")
+    reward_model = place(padding_free(reward_model, ctx))
 
-    def scorer(prompts, responses):
-        return score_responses(reward_model, reward_tokenizer, prompts, responses, batch_size=ctx.cfg.eval.batch_size).tolist()
+    def scorer(prompt_ids, reply_ids):
+        return score_responses(reward_model, prompt_ids, reply_ids, pad_token_id=reward_tokenizer.pad_token_id,
+                               batch_size=cfg.pairs.batch_size).tolist()
 
     return scorer, reward_model, reward_start

@@ -32,7 +32,7 @@ from alignment.evaluate import pair_metrics, policy_reward_score
 from alignment.modeling import lora
 from alignment.modeling.loading import load_reward_model
 from alignment.records import StageResult
-from alignment.stages.common import Lazy, StageContext, load_policy, padding_free, require_policy_start
+from alignment.stages.common import Lazy, StageContext, load_policy, padding_free, place, require_policy_start
 from alignment.stages.trl_stage import Prepared, TRLStage, run_trl_stage, trainer_kwargs
 
 
@@ -49,7 +49,7 @@ def prepare(cfg: RewardConfig, ctx: StageContext, tokenizer) -> Prepared:
     policy = Lazy(lambda: padding_free(load_policy(ctx, tokenizer, trainable=False), ctx))
     data = preference_data(ctx.cfg, cfg, tokenizer=tokenizer, sampling_policy=policy)
     model, reward_tokenizer = load_reward_model(ctx.start.path, ctx.cfg.model)
-    model = lora.attach(padding_free(model, ctx), ctx.cfg, task=lora.SEQ_CLS, adapter=ctx.start.adapter)
+    model = place(lora.attach(padding_free(model, ctx), ctx.cfg, task=lora.SEQ_CLS, adapter=ctx.start.adapter))
     return Prepared(model=model, tokenizer=reward_tokenizer, data=data, extras={"policy": policy.value})
 
 
@@ -58,6 +58,9 @@ def build_trainer(cfg: RewardConfig, ctx: StageContext, prepared: Prepared, **ov
     benchmark's step count). Each [chosen; rejected] batch runs padding-free with the prompt
     shared by its pair (``padding_free`` in ``prepare``)."""
     rows = prepared.data.train
+    if "prompt_ids" in rows.column_names:  # sampled pairs carry their token ids: TRL takes whole sequences as they are
+        rows = rows.map(lambda row: {"chosen_ids": row["prompt_ids"] + row["chosen_ids"], "rejected_ids": row["prompt_ids"] + row["rejected_ids"]},
+                        remove_columns=[c for c in rows.column_names if c not in ("chosen_ids", "rejected_ids")])
     train = rows.add_column("margin", [cfg.margin] * len(rows)) if cfg.margin else rows
     args = TRLRewardConfig(**{**trainer_kwargs(cfg, ctx), **overrides}, center_rewards_coefficient=cfg.center_rewards_coefficient)
     return RewardTrainer(model=prepared.model, args=args, train_dataset=train, processing_class=prepared.tokenizer)

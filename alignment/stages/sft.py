@@ -7,7 +7,7 @@ it alone. The model learns to answer, not to predict the instructions it is give
 stage of a run also evaluates the model it starts from (the "base" column of the table).
 
     python -m alignment.run +recipe=sft                      # embedded model, task suite
-    python -m alignment.run +recipe=sft model.name_or_path=/path/to/hf_model data=/path/to/sft.jsonl
+    python -m alignment.run +recipe=sft model=hf model.name_or_path=/path/to/hf_model data=/path/to/sft.jsonl
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from alignment.errors import CheckpointError
 from alignment.records import StageResult
 from alignment.scale import checkpoints, preemption
 from alignment.scale.distributed import deepspeed_config, unsharded
-from alignment.stages.common import StageContext, save_checkpoint, seed_everything, stage_result, stage_tokenizer
+from alignment.stages.common import StageContext, place, save_checkpoint, seed_everything, stage_result, stage_tokenizer
 from alignment.tracking.base import TrainLogCallback
 
 
@@ -64,7 +64,7 @@ def run_trl_stage(stage: TRLStage, cfg: TrainConfig, ctx: StageContext) -> Stage
     saved = save_checkpoint(trainer.model, prepared.tokenizer, ctx, trainer=trainer)
     metrics = train_metrics(output, trainer)
     if ctx.cfg.eval.enabled:
-        trained = unsharded(trainer.model, saved.path, loader=stage.loader)
+        trained = place(unsharded(trainer.model, saved.path, loader=stage.loader))
         metrics.update(stage.evaluate(cfg, ctx, prepared, trained))
     return stage_result(ctx, cfg, saved=saved, data=prepared.data, metrics=metrics, start_metrics=prepared.start_metrics,
                         inputs=prepared.inputs)

@@ -44,7 +44,9 @@ class PolicyAndValue(torch.nn.Module):
 
 
 class PPOEngine:
-    def __init__(self, cfg, ctx, *, policy: torch.nn.Module, value_model: torch.nn.Module):
+    """Policy and value model with their optimiser (one process, several, or a DeepSpeed engine)."""
+
+    def __init__(self, cfg: PPOConfig, ctx, *, policy: torch.nn.Module, value_model: torch.nn.Module):
         self.cfg, self.module = cfg, PolicyAndValue(policy, value_model)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -56,6 +58,12 @@ class PPOEngine:
 
             self.ds_engine, optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=ds)
         self.optimizer = optimizer
+        # PPO trains with dropout off, as TRL's PPO did: the rollout's log-probs and values and the
+        # updates' must come from the same network, so that the first update's ratio is exactly 1
+        # and clip fraction and approx-KL measure the updates, not dropout noise (LoRA's 0.05, or
+        # a model's own). eval() switches off every dropout, functional ones included; nothing
+        # here switches it back.
+        self.module.eval()
 
     @property
     def policy(self) -> torch.nn.Module:
@@ -68,11 +76,6 @@ class PPOEngine:
     def __call__(self, packed: Packed, *, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.ds_engine or self.module)(packed, temperature)
 
-    def train(self) -> None:
-        self.module.train()
-
-    def eval(self) -> None:
-        self.module.eval()
 
     def zero_grad(self) -> None:
         """Before a mini-batch's first micro-batch (DeepSpeed clears its gradients itself)."""

@@ -96,7 +96,6 @@ def _optimise(cfg: PPOConfig, rollout: dict[str, Any], *, engine: PPOEngine, gen
     all ranks), each split into micro-batches of ``micro_batch_size`` rows. A micro-batch's loss
     is weighted by its share of the mini-batch's response tokens, so the accumulated gradient is
     the whole mini-batch's, whatever the split."""
-    engine.train()
     sums: dict[str, float] = {}
     n_updates = 0
     mini = cfg.mini_batch_size * rollouts // cfg.rollout_batch_size  # this rank's share of a mini-batch

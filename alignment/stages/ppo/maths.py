@@ -226,12 +226,13 @@ class AdaptiveKLController:
 
 
 def eos_penalty_scores(scores: Tensor, ended: Tensor, *, penalty: float) -> Tensor:
-    """scores + penalty on rows whose response never emitted EOS (``ended`` False), unchanged otherwise.
+    """scores - penalty on rows whose response never emitted EOS (``ended`` False), unchanged otherwise.
 
-    A truncated answer would otherwise be scored as if it were complete; a negative penalty
-    (e.g. -1.0) teaches the policy to finish within the token budget.
+    TRL's convention (``missing_eos_penalty``, a positive number that is subtracted). A truncated
+    answer would otherwise be scored as if it were complete; the penalty teaches the policy to
+    finish within the token budget.
     """
-    return torch.where(ended.bool(), scores, scores + penalty)
+    return torch.where(ended.bool(), scores, scores - penalty)
 
 
 def clip_scores(scores: Tensor, *, clip: float) -> Tensor:

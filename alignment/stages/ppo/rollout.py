@@ -3,7 +3,7 @@
 1. sample one response per prompt (temperature ``ppo.temperature``) through the generation path
    every stage shares (alignment/modeling/generation.py);
 2. score, in micro-batches of ``ppo.micro_batch_size`` rows: log-probs under policy and
-   reference, values, the reward model's sequence score (plus ``missing_eos_penalty`` for
+   reference, values, the reward model's sequence score (minus ``missing_eos_penalty`` for
    responses that never end), normalised by running moments and clipped;
 3. per-token rewards -kl_coef * KL_t (k1 or k3) plus the score on the last token; GAE; whitening.
 
@@ -20,7 +20,7 @@ import torch
 
 from alignment.config import PPOConfig
 from alignment.data.suite import Example, verify
-from alignment.modeling.generation import generate_ids
+from alignment.modeling.generation import generate_ids, turn_tail
 from alignment.modeling.scoring import Packed, pack, policy_forward, select, sequence_scores, token_values
 from alignment.scale import distributed
 from alignment.stages.ppo import maths as pm
@@ -32,18 +32,22 @@ def rollout(cfg: PPOConfig, *, engine: PPOEngine, reference, reward_model, token
     """This rank's rollout tensors (packed sequences, old log-probs, values, advantages, returns)
     and its statistics."""
     device = next(engine.policy.parameters()).device
-    engine.eval()
     started = clock(device)
     with torch.no_grad():
         with engine.sampling_policy() as sampler:
             responses = generate_ids(sampler, tokenizer, prompt_ids, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                      device=device)
         generated = clock(device)
-        packed = pack(prompt_ids, responses, pad_token_id=tokenizer.pad_token_id)
-        logprobs, ref_logprobs, values, raw_scores, entropy = _score(cfg, packed, engine=engine, reference=reference,
-                                                                     reward_model=reward_model)
+        ended = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
+        # Log-probs and values on exactly the sampled tokens; the reward model reads each reply as
+        # it was trained to: rendered as a finished turn (the template's tail after an EOS).
+        tail = turn_tail(tokenizer)
+        packed = pack(prompt_ids, responses, pad_token_id=tokenizer.pad_token_id).to(device)
+        rendered = pack(prompt_ids, [r + tail if e else r for r, e in zip(responses, ended)], pad_token_id=tokenizer.pad_token_id).to(device)
+        logprobs, ref_logprobs, values, entropy = _score(cfg, packed, engine=engine, reference=reference)
+        raw_scores = torch.cat([sequence_scores(reward_model, chunk) for chunk in _micro_batches(cfg, rendered)])
         scored = clock(device)
-    ended = torch.tensor([bool(r) and r[-1] == tokenizer.eos_token_id for r in responses])
+    ended = torch.tensor(ended, device=device)
     scores = pm.eos_penalty_scores(raw_scores, ended, penalty=cfg.missing_eos_penalty)
     if cfg.normalize_scores:
         moments.update(distributed.all_gather_cat(scores))  # every rank normalises by the whole batch
@@ -77,27 +81,34 @@ def rollout(cfg: PPOConfig, *, engine: PPOEngine, reference, reward_model, token
     return rollout, stats
 
 
-def _score(cfg: PPOConfig, packed: Packed, *, engine: PPOEngine, reference, reward_model):
-    """Per-token log-probs (policy, reference), values, sequence scores and the policy's mean
-    entropy, computed ``ppo.micro_batch_size`` rows at a time (the [rows, T, vocab] logits of one
-    micro-batch are all that is held at once)."""
+def _micro_batches(cfg: PPOConfig, packed: Packed) -> list[Packed]:
+    """``packed`` in chunks of ``ppo.micro_batch_size`` rows (the whole of it when unset)."""
     rows = packed.input_ids.size(0)
     micro = cfg.micro_batch_size or rows
+    if micro >= rows:
+        return [packed]
+    return [select(packed, torch.arange(start, min(rows, start + micro), device=packed.input_ids.device)) for start in range(0, rows, micro)]
+
+
+def _score(cfg: PPOConfig, packed: Packed, *, engine: PPOEngine, reference):
+    """Per-token log-probs (policy, reference), values and the policy's mean entropy, computed
+    ``ppo.micro_batch_size`` rows at a time (the [rows, T, vocab] logits of one micro-batch are all
+    that is held at once)."""
+    chunks = _micro_batches(cfg, packed)
     parts: list[tuple[torch.Tensor, ...]] = []
     entropy_sum, tokens = 0.0, 0.0
-    for start in range(0, rows, micro):
-        chunk = packed if micro >= rows else select(packed, torch.arange(start, min(rows, start + micro)))
+    for chunk in chunks:
         logprobs, logits = policy_forward(engine.policy, chunk, temperature=cfg.temperature)
         ref_logprobs, _ = policy_forward(reference, chunk, temperature=cfg.temperature)
-        parts.append((logprobs, ref_logprobs, token_values(engine.value_model, chunk), sequence_scores(reward_model, chunk)))
+        parts.append((logprobs, ref_logprobs, token_values(engine.value_model, chunk)))
         entropy = float(pm.entropy_from_logits(logits, chunk.mask))
-        if micro >= rows:
+        if len(chunks) == 1:
             entropy_sum, tokens = entropy, 1.0  # one chunk: its own masked mean
         else:
             n = float(chunk.mask.sum())
             entropy_sum, tokens = entropy_sum + entropy * n, tokens + n
-    logprobs, ref_logprobs, values, scores = (torch.cat(column) for column in zip(*parts))
-    return logprobs, ref_logprobs, values, scores, entropy_sum / max(tokens, 1e-9)
+    logprobs, ref_logprobs, values = (torch.cat(column) for column in zip(*parts))
+    return logprobs, ref_logprobs, values, entropy_sum / max(tokens, 1e-9)
 
 
 def clock(device: torch.device) -> float:

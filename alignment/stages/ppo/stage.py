@@ -35,6 +35,7 @@ from alignment.stages.common import (
     find_reward_model,
     load_policy,
     padding_free,
+    place,
     require_policy_start,
     save_checkpoint,
     seed_everything,
@@ -61,7 +62,7 @@ def train_ppo(cfg: PPOConfig, ctx: StageContext) -> StageResult:
     else:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
     reward_model, reward_tokenizer = load_reward_model(reward_start.path, ctx.cfg.model)
-    reward_model = padding_free(reward_model, ctx).eval().requires_grad_(False)
+    reward_model = place(padding_free(reward_model, ctx)).eval().requires_grad_(False)
     if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise StageError(f"ppo: the reward model {reward_start.path} uses another tokenizer than the policy; train it from the same base")
     value_model = _value_model(cfg, ctx, reward_start.path)
@@ -72,7 +73,7 @@ def train_ppo(cfg: PPOConfig, ctx: StageContext) -> StageResult:
 
     with engine.whole_policy() as whole:
         saved = save_checkpoint(whole, tokenizer, ctx)
-    policy = unsharded(policy, saved.path, loader=AutoModelForCausalLM)
+    policy = place(unsharded(policy, saved.path, loader=AutoModelForCausalLM))
     metrics: dict[str, Any] = {"train_steps": len(history), "history": history, **{f"final/{k}": v for k, v in history[-1].items()}}
     metrics["stopped_early"] = history[-1].get("stopped_early")
     if ctx.cfg.eval.enabled:
@@ -90,4 +91,4 @@ def _value_model(cfg: PPOConfig, ctx: StageContext, reward_path: str):
         model = load_value_model_from_policy(ctx.start.path)
     model = padding_free(model, ctx)
     model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    return lora.unwrap(lora.attach(model, ctx.cfg, task=lora.SEQ_CLS, adapter=None))  # token_values reads .score
+    return place(lora.unwrap(lora.attach(model, ctx.cfg, task=lora.SEQ_CLS, adapter=None)))  # token_values reads .score
