@@ -84,3 +84,14 @@ def test_hydra_help_lists_groups():
     assert out.returncode == 0
     for group in ("model", "data", "sft", "dpo", "recipe"):
         assert group in out.stdout
+
+
+def test_a_preset_of_your_own_sets_model_and_stage_defaults(tmp_path):
+    """The README's recipe for one's own model: a model/<name>.yaml on Hydra's search path."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "my_llama.yaml").write_text(
+        "# @package _global_\nmodel:\n  preset: my_llama\n  name_or_path: /models/my-llama\n  peft: lora\n"
+        "sft: {learning_rate: 2e-4, max_seq_tokens: 4096}\n")
+    cfg = compose_config(["+recipe=sft_then_dpo", "model=my_llama", f"hydra.searchpath=[file://{tmp_path}]"])
+    assert (cfg.model.name_or_path, cfg.model.peft, cfg.sft.learning_rate, cfg.sft.max_seq_tokens) == ("/models/my-llama", "lora", 2e-4, 4096)
+    assert cfg.dpo.learning_rate == 5e-7, "what the preset leaves alone keeps the real-model default"

@@ -10,6 +10,7 @@ Each test fails on the code before the real-models issue (see its docstring for 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from alignment.config import AlignmentConfig, LoraConfig, ModelConfig, PPOConfig
-from alignment.modeling import lora
+from alignment.modeling import lora, packing
 from alignment.modeling.generation import Generation, as_rendered, render_prompts, render_reply, turn_tail
 from alignment.modeling.loading import load_causal_lm, load_tokenizer
 from alignment.modeling.scoring import pack, score_responses, sequence_scores
@@ -212,21 +213,50 @@ def test_smollm2_preset_holds_the_suite_whole(smollm2_tokenizer):
     assert prompt + cfg.ppo.max_new_tokens <= cfg.reward.max_seq_tokens
 
 
+@pytest.fixture(scope="module")
+def smollm2_model(smollm2_tokenizer):
+    path = shared("models", GGUF)
+    return load_causal_lm(str(path.parent), ModelConfig(), smollm2_tokenizer, key="test", gguf_file=path.name)
+
+
 @pytest.mark.integration
-def test_gguf_loads_as_a_plain_model_that_trains_and_saves(smollm2_tokenizer, tmp_path):
+def test_gguf_loads_as_a_plain_model_that_trains_and_saves(smollm2_model, smollm2_tokenizer, tmp_path):
     """transformers dequantises the GGUF but marks the model quantised, so Trainer refuses it and
     save_pretrained fails; the loader lifts the mark. The weights are SmolLM2's: greedy "The
     capital of France is" goes on with " Paris"."""
     from transformers import AutoModelForCausalLM
 
-    path = shared("models", GGUF)
-    model = load_causal_lm(str(path.parent), ModelConfig(), smollm2_tokenizer, key="test", gguf_file=path.name)
+    model = smollm2_model
     ids = smollm2_tokenizer("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert smollm2_tokenizer.decode(out[0, ids["input_ids"].shape[1]:]).startswith(" Paris")
     model.save_pretrained(tmp_path)  # refused while marked as quantised
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(again.model.norm.weight, model.model.norm.weight)
+
+
+@pytest.mark.integration
+def test_smollm2_with_lora_runs_padding_free(smollm2_model, smollm2_tokenizer, monkeypatch):
+    """SmolLM2's hidden states reach ~44 after 30 layers, and its packed and padded layouts then
+    differ by ~4e-4 in float32: the packing self-check, at an absolute 1e-4, turned padding-free
+    forwards off for this model (a warning on every stage). Relative to the activations' scale it
+    passes, packs, and the packed logits equal the padded ones."""
+    model = lora.attach(copy.deepcopy(smollm2_model), AlignmentConfig(), task=lora.CAUSAL_LM, adapter=None)
+    assert packing.enable(model)
+    rows = [smollm2_tokenizer(text)["input_ids"] for text in ("Add: 17 25. The answer is 42.", "Reverse: abc", "Hi")]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [smollm2_tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    plans = []
+    monkeypatch.setattr(packing, "plan", lambda *a, real=packing.plan: plans.append(real(*a)) or plans[-1])
+    with torch.no_grad():
+        packed = model(input_ids=ids, attention_mask=mask).logits
+        assert plans and plans[0].rows == 1, "the batch went through packed, as one row"
+        # Explicit position ids are never repacked: this is the plain padded forward.
+        padded = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(width).expand(3, width)).logits
+    assert len(plans) == 1
+    real = mask.bool()
+    assert torch.allclose(packed[real], padded[real], atol=5e-3, rtol=1e-3)
 
 
 @pytest.mark.integration

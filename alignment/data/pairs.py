@@ -12,7 +12,9 @@ label its pairs with that model instead (``dpo.pair_labeler``), as large pipelin
 
 from __future__ import annotations
 
+import logging
 import random
+import time
 from collections import Counter
 from typing import Any, Callable, Optional, Sequence
 
@@ -26,6 +28,8 @@ from alignment.data.suite import Example, verify
 from alignment.errors import StageError
 from alignment.modeling.generation import as_rendered, generate, render_prompts, render_reply, turn_tail
 
+
+log = logging.getLogger(__name__)
 
 # A reward model as a labeller: (prompt ids, reply ids as rendered) -> one score per reply.
 Scorer = Callable[[list[list[int]], list[list[int]]], list[float]]
@@ -64,6 +68,8 @@ def sample_pairs(
     the counts record how often that label agrees with the verifier (the gap between proxy and gold).
     """
     prompts = [user_turn(e.prompt) for e in examples]
+    started = time.monotonic()
+    log.info("sampling pairs: %d prompts x %d replies, up to %d new tokens", len(prompts), cfg.samples_per_prompt, cfg.max_new_tokens)
     samples = generate(model, tokenizer, prompts, num_samples=cfg.samples_per_prompt, temperature=cfg.temperature,
                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=seed)
     tail = turn_tail(tokenizer)
@@ -107,6 +113,8 @@ def sample_pairs(
                          "rejected": [{"role": "assistant", "content": bad}],
                          "prompt_ids": ids, "chosen_ids": replies[good], "rejected_ids": replies[bad]})
     counts["pairs"] = len(rows)
+    log.info("sampled %d pairs in %.1f s (%s)", len(rows), time.monotonic() - started,
+             ", ".join(f"{k} {v}" for k, v in counts.items() if k != "pairs"))
     return rows, dict(counts)
 
 
@@ -120,7 +128,10 @@ def suite_preference_data(
     held = suite_held_out(suite)
     common = {"cfg": pairs}
     train_rows, train_counts = sample_pairs(model, tokenizer, suite.train[: pairs.n_prompts], seed=cfg.seed, scorer=scorer, **common)
-    eval_rows, eval_counts = sample_pairs(model, tokenizer, held.examples, seed=cfg.seed + 1, **common)
+    # The held-out pairs cover the prompts evaluation scores (eval.n_prompts), not every held-out
+    # prompt: on a real model sampling all of them cost more than the stage's training.
+    held_prompts = held.examples[: cfg.eval.n_prompts] if cfg.eval.n_prompts else held.examples
+    eval_rows, eval_counts = sample_pairs(model, tokenizer, held_prompts, seed=cfg.seed + 1, **common)
     if not train_rows:
         raise StageError("the policy's samples gave no preference pair (every sample equal?); raise <stage>.pairs.n_prompts")
     return StageData(

@@ -285,5 +285,10 @@ def _packs_correctly(stack: nn.Module, *, share: bool) -> bool:
     finally:
         stack.train(was_training)
     real = mask.bool()
+    # Relative to the largest activation: a deep real model's hidden states reach tens (SmolLM2-135M:
+    # 44, with a 4e-4 float32 difference between the two layouts), while attention that crosses
+    # sequences differs by the same order as the activations themselves.
     atol = _CHECK_ATOL.get(padded.dtype, 1e-3)
-    return bool(torch.allclose(unpack(packed, p)[real].float(), padded[real].float(), atol=atol, rtol=atol))
+    padded, packed = padded[real].float(), unpack(packed, p)[real].float()
+    tolerance = atol * max(1.0, padded.abs().max().item())
+    return bool((packed - padded).abs().max() <= tolerance)

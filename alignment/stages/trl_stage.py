@@ -11,7 +11,9 @@ differs.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -26,6 +28,8 @@ from alignment.scale import checkpoints, preemption
 from alignment.scale.distributed import deepspeed_config, unsharded
 from alignment.stages.common import StageContext, place, save_checkpoint, seed_everything, stage_result, stage_tokenizer
 from alignment.tracking.base import TrainLogCallback
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,8 +68,10 @@ def run_trl_stage(stage: TRLStage, cfg: TrainConfig, ctx: StageContext) -> Stage
     saved = save_checkpoint(trainer.model, prepared.tokenizer, ctx, trainer=trainer)
     metrics = train_metrics(output, trainer)
     if ctx.cfg.eval.enabled:
+        started = time.monotonic()
         trained = place(unsharded(trainer.model, saved.path, loader=stage.loader))
         metrics.update(stage.evaluate(cfg, ctx, prepared, trained))
+        log.info("[%s] evaluated in %.1f s", ctx.stage, time.monotonic() - started)
     return stage_result(ctx, cfg, saved=saved, data=prepared.data, metrics=metrics, start_metrics=prepared.start_metrics,
                         inputs=prepared.inputs)
 
