@@ -20,6 +20,10 @@ from alignment.scale import distributed
 from alignment.stages import MODULES
 from alignment.tracking.choose import check_config as check_tracking
 
+# The shortest sequence a stage can train on: a chat-rendered prompt and one response token
+# take more than this with any template (the embedded suite's shortest is 20 characters).
+MIN_SEQ_TOKENS = 8
+
 
 def check_config(cfg: AlignmentConfig) -> None:
     """Cross-field rules, checked before any model or data is loaded."""
@@ -61,8 +65,36 @@ def check_config(cfg: AlignmentConfig) -> None:
     check_tracking(cfg)
     if cfg.data.over_length not in ("drop", "truncate", "error"):
         raise StageError(f"data.over_length={cfg.data.over_length!r}: use drop, truncate or error")
-    if cfg.eval.samples_per_prompt < 1 or cfg.eval.temperature < 0 or cfg.eval.max_new_tokens < 1:
-        raise StageError("eval.samples_per_prompt and eval.max_new_tokens must be >= 1 and eval.temperature >= 0")
+    if cfg.eval.samples_per_prompt < 1 or cfg.eval.max_new_tokens < 1:
+        raise StageError("eval.samples_per_prompt and eval.max_new_tokens must be >= 1")
+    _check_ranges(cfg)
+
+
+def _check_ranges(cfg: AlignmentConfig) -> None:
+    """Values no run can use, refused in seconds instead of after the models load (or never)."""
+    if "dpo" in cfg.stages and cfg.dpo.beta <= 0:
+        raise StageError(f"dpo.beta={cfg.dpo.beta} must be > 0: it scales the implicit reward beta * log(pi/pi_ref), so 0 "
+                         f"trains nothing and a negative value prefers the rejected responses (0.1 is usual)")
+    # Where sampling is meant, temperature 0 divides the logits by zero (NaN) and "sampled" would be greedy.
+    sampling = [("eval.temperature", cfg.eval.temperature, cfg.eval.enabled), ("ppo.temperature", cfg.ppo.temperature, "ppo" in cfg.stages),
+                ("dpo.pairs.temperature", cfg.dpo.pairs.temperature, "dpo" in cfg.stages),
+                ("reward.pairs.temperature", cfg.reward.pairs.temperature, "reward" in cfg.stages)]
+    for key, value, used in sampling:
+        if used and value <= 0:
+            raise StageError(f"{key}={value} must be > 0: it is a sampling temperature (1.0 samples the policy as it is; greedy "
+                             f"accuracy is reported beside the sampled one already)")
+    for stage in cfg.stages:
+        train = getattr(cfg, stage)
+        if isinstance(train, TrainConfig) and train.max_seq_tokens < MIN_SEQ_TOKENS:
+            raise StageError(f"{stage}.max_seq_tokens={train.max_seq_tokens} cannot hold a prompt and a response (every row would "
+                             f"be cut to nothing and dropped); use at least {MIN_SEQ_TOKENS}, and enough for your longest rows")
+        pairs = getattr(train, "pairs", None)
+        if pairs is not None and (pairs.samples_per_prompt < 2 or pairs.max_new_tokens < 1 or pairs.n_prompts < 1):
+            raise StageError(f"{stage}.pairs: samples_per_prompt must be >= 2 (a pair needs two replies), max_new_tokens and "
+                             f"n_prompts >= 1 (got {pairs.samples_per_prompt}, {pairs.max_new_tokens}, {pairs.n_prompts})")
+    if "ppo" in cfg.stages and (cfg.ppo.max_new_tokens < 1 or cfg.ppo.num_rollouts < 1 or cfg.ppo.kl_coef < 0 or cfg.ppo.clip_range <= 0):
+        raise StageError(f"ppo: max_new_tokens and num_rollouts must be >= 1, kl_coef >= 0 and clip_range > 0 (got "
+                         f"{cfg.ppo.max_new_tokens}, {cfg.ppo.num_rollouts}, {cfg.ppo.kl_coef}, {cfg.ppo.clip_range})")
 
 
 def planned_world_size(cfg: AlignmentConfig) -> int:

@@ -1,10 +1,12 @@
 """Runs a recipe's stages in order, handing each one its parent's checkpoint.
 
 For every stage the pipeline decides first whether it must run at all: a stage whose
-``result.json`` is complete, whose checkpoint is still intact, and whose inputs hash (its
-resolved config, the model and eval config, the seed, the parent checkpoint's content hash and
-the source data's fingerprint) equals the current one is skipped. Anything else reruns it, and
-with it every later stage, because their parent's hash changes.
+``result.json`` is complete, whose checkpoint files still have the sizes and sha256 digests
+recorded when it was committed, and whose inputs hash (its resolved config, the model and eval
+config, the seed, the parent checkpoint's content hash and the source data's fingerprint) equals
+the current one is skipped. Anything else reruns it, with a log line that says why (no record,
+an unreadable one, changed config, parent or data, a changed checkpoint file), and with it every
+later stage, because their parent's hash changes.
 
 Layout of a run::
 
@@ -28,11 +30,15 @@ from alignment.data.stage_data import source_fingerprint
 from alignment.records import (
     RESULT_FILE,
     StageResult,
+    UnreadableRecord,
     atomic_write_json,
+    changed_files,
     git_commit,
+    hash_directory,
     inputs_hash,
     package_versions,
     read_result,
+    remove_orphans,
 )
 from alignment.report.markdown import write_report
 from alignment.report.table import format_table
@@ -60,25 +66,29 @@ def run_pipeline(cfg: AlignmentConfig) -> list[StageResult]:
         stage_dir = run_dir / stage
         policy_parent = next((r for r in reversed(results) if r.stage in POLICY_STAGES), None)
         start = _start_point(cfg, stage_cfg, policy_parent, run_dir=run_dir)
-        key = _inputs_key(cfg, stage, start, upstream=results)
+        parts = _inputs_parts(cfg, stage, start, upstream=results)
+        key = inputs_hash(**parts)
         # Rank 0 decides and every rank follows, so no rank trains a stage the others skip.
-        existing = read_result(stage_dir) if distributed.is_main() else None
-        existing = distributed.broadcast(existing if existing is not None and _still_valid(existing, key) else None)
+        existing, reason = _existing_record(stage_dir, key, parts) if distributed.is_main() else (None, None)
+        existing = distributed.broadcast(existing)
         if existing is not None:
-            log.info("[%s] skipped: complete in %s (inputs unchanged)", stage, stage_dir)
+            log.info("[%s] skipped: complete in %s (inputs unchanged, checkpoint verified)", stage, stage_dir)
             results.append(existing)
             skipped.append(True)
             previous[stage] = existing
             _write_pipeline(run_dir, cfg, results, skipped)
             continue
         if distributed.is_main():
+            log.info("[%s] runs: %s", stage, reason)
             (stage_dir / RESULT_FILE).unlink(missing_ok=True)  # never describe weights about to change
+            for orphan in remove_orphans(stage_dir):
+                log.info("[%s] removed %s, left by an interrupted write", stage, orphan)
         distributed.barrier()
         log.info("[%s] running from %s -> %s", stage, start.label, stage_dir)
         ctx = StageContext(cfg, run_dir, stage_dir, stage, start, index == 0, previous=dict(previous), inputs_key=key, tracker=tracker)
         # One W&B run per stage, finished (as failed) also when the stage raises.
         with stage_run(tracker, stage=stage, inputs_key=key, started_from=None if start.adapter else start.path):
-            result = _run_stage(stage, stage_cfg, ctx, key)
+            result = _run_stage(stage, stage_cfg, ctx, key, parts)
             record_result(tracker, result)
         results.append(result)
         skipped.append(False)
@@ -105,7 +115,8 @@ def _start_point(cfg: AlignmentConfig, stage_cfg: StageConfig, parent: Optional[
     return StartPoint(None, None)
 
 
-def _inputs_key(cfg: AlignmentConfig, stage: str, start: StartPoint, *, upstream: list[StageResult]) -> str:
+def _inputs_parts(cfg: AlignmentConfig, stage: str, start: StartPoint, *, upstream: list[StageResult]) -> dict:
+    """What decides whether a finished stage is still valid: ``records.inputs_hash``'s arguments."""
     stage_cfg = getattr(cfg, stage)
     config = {
         # Any earlier stage's checkpoint may be an input (a reward model), so all of them count.
@@ -116,22 +127,42 @@ def _inputs_key(cfg: AlignmentConfig, stage: str, start: StartPoint, *, upstream
         "eval": dataclasses.asdict(cfg.eval),
         "seed": cfg.seed,
     }
-    return inputs_hash(config=config, parent_hash=start.hash, parent_ref=start.path, data_fingerprint=source_fingerprint(cfg.data, stage_cfg))
+    return {"config": config, "parent_hash": start.hash, "parent_ref": start.path, "data_fingerprint": source_fingerprint(cfg.data, stage_cfg)}
 
 
-def _still_valid(result: StageResult, key: str) -> bool:
-    if result.status != "complete" or result.inputs_hash != key or not result.checkpoint:
-        return False
-    checkpoint = Path(result.checkpoint)
-    expected = result.data.get("checkpoint_files") if isinstance(result.data, dict) else None
-    if not (checkpoint / "config.json").is_file():
-        return False
-    # Sizes are a cheap check for a truncated or replaced checkpoint; the content hash stays
-    # the lineage record (rehashing a 70B checkpoint on every rerun would cost minutes).
-    return expected is None or all((checkpoint / name).is_file() and (checkpoint / name).stat().st_size == size for name, size in expected.items())
+def _part_digests(parts: dict) -> dict[str, str]:
+    """Each input on its own, so a rerun can say which one changed: config, parent or data."""
+    return {"config": inputs_hash(config=parts["config"], parent_hash=None, parent_ref=None, data_fingerprint=None),
+            "parent": f"{parts['parent_ref']}@{parts['parent_hash']}", "data": str(parts["data_fingerprint"])}
 
 
-def _run_stage(stage: str, stage_cfg: StageConfig, ctx: StageContext, key: str) -> StageResult:
+def _existing_record(stage_dir: Path, key: str, parts: dict) -> tuple[Optional[StageResult], str]:
+    """The stage's record when it can be skipped, else None and why it runs (logged)."""
+    try:
+        record = read_result(stage_dir)
+    except UnreadableRecord as err:
+        return None, f"its record is unreadable ({err})"
+    if record is None:
+        return None, "no record of an earlier run"
+    if record.status != "complete":
+        return None, f"the earlier run ended {record.status}" + (f" ({record.error})" if record.error else "")
+    if record.inputs_hash != key:
+        before, now = record.inputs_parts, _part_digests(parts)
+        changed = [name for name in ("config", "parent", "data") if before.get(name) != now[name]] if before else []
+        return None, ("inputs changed: " + ", ".join(changed)) if changed else "inputs changed (not recorded which: an older record)"
+    checkpoint = Path(record.checkpoint) if record.checkpoint else None
+    if checkpoint is None or not (checkpoint / "config.json").is_file():
+        return None, f"its checkpoint {checkpoint} is gone"
+    if record.checkpoint_files:
+        changed = changed_files(checkpoint, record.checkpoint_files)
+        if changed:
+            return None, f"its checkpoint changed since it was recorded: {', '.join(changed)} in {checkpoint}"
+    elif hash_directory(checkpoint) != record.checkpoint_hash:  # a record without per-file digests
+        return None, f"its checkpoint's content hash differs from the recorded {record.checkpoint_hash[:12]}"
+    return record, "complete"
+
+
+def _run_stage(stage: str, stage_cfg: StageConfig, ctx: StageContext, key: str, parts: dict) -> StageResult:
     started = time.monotonic()
     try:
         result = runner(stage)(stage_cfg, ctx)
@@ -149,12 +180,11 @@ def _run_stage(stage: str, stage_cfg: StageConfig, ctx: StageContext, key: str) 
             atomic_write_json(ctx.stage_dir / RESULT_FILE, failed.to_dict())
         raise
     result.inputs_hash = key
+    result.inputs_parts = _part_digests(parts)
     result.wall_seconds = time.monotonic() - started
     result.versions = package_versions()
     result.git_commit = git_commit()
     result.launch = launch_record(ctx.cfg)
-    checkpoint = Path(result.checkpoint)
-    result.data["checkpoint_files"] = {p.relative_to(checkpoint).as_posix(): p.stat().st_size for p in sorted(checkpoint.rglob("*")) if p.is_file()}
     if distributed.is_main():
         atomic_write_json(ctx.stage_dir / RESULT_FILE, result.to_dict())
         # The stage is committed: its mid-stage checkpoints (optimizer states included, several

@@ -24,6 +24,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
+from alignment.errors import CheckpointError
+from alignment.errors import CheckpointError
 from alignment.tracking.redaction import redact
 
 RESULT_FILE = "result.json"
@@ -47,6 +49,12 @@ class StageResult:
     data_fingerprint: Optional[str]
     inputs_hash: str  # hash of config + parent hash + data fingerprint: a change reruns the stage
     config: dict[str, Any]  # the fully resolved stage config
+    # Per file of the checkpoint, {"bytes": size, "sha256": digest}: a skip verifies the content
+    # against these and names the file that changed.
+    checkpoint_files: dict[str, Any] = field(default_factory=dict)
+    # What inputs_hash is made of, each hashed on its own ({"config", "parent", "data"}), so a
+    # rerun can say which of them changed.
+    inputs_parts: dict[str, Any] = field(default_factory=dict)
     # Other checkpoints the stage used besides its parent, e.g. {"reward_model": {stage, checkpoint, hash}}.
     inputs: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -88,19 +96,79 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+class UnreadableRecord(CheckpointError):
+    """A ``result.json`` that is not a stage record; the message names the file and why."""
+
+
 def read_result(stage_dir: Path) -> Optional[StageResult]:
-    """The stage's record, or None when there is none (or it is unreadable: then it reruns)."""
+    """The stage's record, or None when there is none. A file that is not a record (truncated,
+    another JSON value, bytes that are not UTF-8) raises :class:`UnreadableRecord` naming it:
+    the pipeline reruns such a stage, a stage asked to start from it stops with the message."""
     path = stage_dir / RESULT_FILE
     if not path.is_file():
         return None
     try:
-        return StageResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, TypeError):
-        return None
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise UnreadableRecord(f"{path} is not UTF-8 text (byte {err.start}): not a stage record") from None
+    except json.JSONDecodeError as err:
+        raise UnreadableRecord(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("stage"), str) or "status" not in raw:
+        raise UnreadableRecord(f"{path} holds {type(raw).__name__} {str(raw)[:40]!r}, not a stage record (an object with 'stage' and 'status')")
+    try:
+        return StageResult.from_dict(raw)
+    except TypeError as err:
+        raise UnreadableRecord(f"{path} lacks fields of a stage record ({err})") from None
+
+
+def file_digests(directory: Path) -> tuple[str, dict[str, dict[str, Any]]]:
+    """In one read of the files: ``hash_directory(directory)`` and, per relative path,
+    ``{"bytes": size, "sha256": digest}``."""
+    whole, digests = hashlib.sha256(), {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = path.relative_to(directory).as_posix()
+        whole.update(name.encode() + b"\0")
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK_BYTES):
+                whole.update(chunk)
+                digest.update(chunk)
+        whole.update(b"\0")
+        digests[name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return whole.hexdigest(), digests
+
+
+def changed_files(directory: Path, recorded: dict[str, dict[str, Any]]) -> list[str]:
+    """The recorded files that are missing from ``directory`` or whose size or content differs
+    (sizes first: a truncated file costs no read), plus files that were not there when recorded."""
+    changed = []
+    for name, expected in recorded.items():
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != expected["bytes"]:
+            changed.append(name)
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} if directory.is_dir() else set()
+    changed += sorted(present - set(recorded))
+    if changed:
+        return changed
+    _, actual = file_digests(directory)
+    return [name for name, expected in recorded.items() if actual[name]["sha256"] != expected["sha256"]]
+
+
+def remove_orphans(stage_dir: Path) -> list[Path]:
+    """Temporary files and directories an interrupted write left in ``stage_dir`` (``.checkpoint.tmp-PID``,
+    ``.adapter.old-PID``, ``.result.json.tmp-PID``, ...): removed; only the one process that runs a stage
+    writes there, so none of them can belong to a live write when the stage starts."""
+    removed = []
+    for path in sorted(stage_dir.glob(".*")) if stage_dir.is_dir() else []:
+        if ".tmp-" in path.name or ".old-" in path.name:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed.append(path)
+    return removed
 
 
 def hash_directory(directory: Path, *, only: Optional[list[str]] = None) -> str:
-    """sha256 over every file's relative path and bytes, in sorted order (``only``: these files)."""
+    """sha256 over every file's relative path and bytes, in sorted order (``only``: these files).
+    The checkpoint's lineage hash; skips verify per-file digests (``file_digests``) instead."""
     digest = hashlib.sha256()
     files = [directory / name for name in only] if only is not None else [p for p in directory.rglob("*") if p.is_file()]
     for path in sorted(files):

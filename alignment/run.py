@@ -34,7 +34,7 @@ from alignment.config_checks import batch_plan, check_config
 from alignment.errors import ConfigError, UserError
 from alignment.scale import distributed, preemption
 from alignment.scale.launch import launch, needs_launch
-from alignment.tracking.redaction import install_log_filter, is_secret_name, scrub_text_file, scrub_yaml_files, secret_values
+from alignment.tracking.redaction import install_log_filter, override_secret_values, redact_output, scrub_text_file, scrub_yaml_files, secret_values
 
 log = logging.getLogger("alignment")
 RECIPE_PACKAGE = "alignment.recipes"
@@ -186,8 +186,7 @@ def scrub_hydra_output(raw: DictConfig) -> None:
     values from every log line from now on (console and ``alignment.log``)."""
     hydra_cfg = HydraConfig.get()
     config = OmegaConf.to_container(raw, resolve=False)
-    values = secret_values(config) | {o.split("=", 1)[1] for o in hydra_cfg.overrides.task
-                                      if "=" in o and is_secret_name(o.split("=", 1)[0].lstrip("+~"))}
+    values = secret_values(config) | override_secret_values(hydra_cfg.overrides.task)
     install_log_filter(values)
     out = Path(hydra_cfg.runtime.output_dir)
     files = [out / hydra_cfg.output_subdir / name for name in ("config.yaml", "overrides.yaml", "hydra.yaml")] if hydra_cfg.output_subdir else []
@@ -222,6 +221,7 @@ def _run_this_rank(cfg: AlignmentConfig) -> None:
 def main() -> None:
     # transformers renamed gradient_checkpointing; TRL still calls the old names every step.
     warnings.filterwarnings("ignore", message=".*activation_checkpointing.*", category=FutureWarning)
+    redact_output(sys.argv[1:])  # before Hydra, which prints the command line when the job fails
     recipes = register_all()
     sys.argv = [sys.argv[0]] + rewrite_data_shorthand(sys.argv[1:])
     recipe = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(("+recipe=", "recipe="))), None)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from alignment.records import (
     StageResult,
+    UnreadableRecord,
     atomic_write_json,
     commit_checkpoint,
     hash_directory,
@@ -28,9 +31,14 @@ def test_result_round_trip(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary file left behind"
 
 
-def test_unreadable_result_means_rerun(tmp_path):
-    (tmp_path / "result.json").write_text('{"stage": "sft", "stat')  # torn write from an old tool
-    assert read_result(tmp_path) is None
+@pytest.mark.parametrize("content, why", [(b'{"stage": "sft", "stat', "not valid JSON (line 1"), (b"[]", "holds list"),
+                                           (b"null", "holds NoneType"), (b'{"stage": "sft", "status": "complete"}', "lacks fields"),
+                                           (b'{"stage": "\xff\xfe"}', "not UTF-8 text (byte 11)")])
+def test_unreadable_result_names_the_file_and_why(tmp_path, content, why):
+    (tmp_path / "result.json").write_bytes(content)  # a torn write, another tool's file, stray bytes
+    with pytest.raises(UnreadableRecord) as err:
+        read_result(tmp_path)
+    assert str(tmp_path / "result.json") in str(err.value) and why in str(err.value)
 
 
 def test_hash_changes_with_content_and_names(tmp_path):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from alignment.records import StageResult, read_result
+from alignment.records import StageResult, UnreadableRecord, read_result
 
 PIPELINE_FILE = "pipeline.json"
 NOT_RUN = "not run"  # the status of a planned stage that never started
@@ -108,7 +108,10 @@ def load_run(run_dir: Path) -> Run:
         raise ReportError(f"{path}: not a pipeline record ({type(err).__name__}: {err})") from err
     stages = []
     for stage in planned:
-        record = read_result(run_dir / stage)
+        try:
+            record = read_result(run_dir / stage)
+        except UnreadableRecord:
+            record = None  # a broken result.json: pipeline.json's entry, if any, stands in
         entry = entries.get(stage)
         if entry is not None and (record is None or record.checkpoint_hash != entry.get("checkpoint_hash")):
             record = _from_entry(stage, entry)  # result.json lost or rewritten since: pipeline.json is this run's truth

@@ -44,8 +44,18 @@ _STEP = re.compile(r"^checkpoint-(\d+)$")
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def disk_full_message(stage: str, where: Path, err: OSError) -> str:
-    return (f"{stage}: the disk filled up while writing a checkpoint in {where} ({err.strerror}). The checkpoint being "
+def is_disk_full(err: BaseException) -> bool:
+    """An OSError for a full disk or quota, or safetensors' own error for one (SafetensorError
+    is not an OSError; it carries the OS error in its message)."""
+    if isinstance(err, OSError):
+        return err.errno in DISK_FULL
+    text = str(err)
+    return type(err).__name__ == "SafetensorError" and any(f"os error {code}" in text for code in DISK_FULL)
+
+
+def disk_full_message(stage: str, where: Path, err: BaseException) -> str:
+    reason = err.strerror if isinstance(err, OSError) else str(err)
+    return (f"{stage}: the disk filled up while writing a checkpoint in {where} ({reason}). The checkpoint being "
             f"written has no completion marker and will be ignored; the previous complete one is intact and a rerun "
             f"resumes from it. Free space (or set output_dir elsewhere) and rerun the same command")
 

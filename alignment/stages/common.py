@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Generic, Optional, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from alignment.config import AlignmentConfig, StageConfig
@@ -20,7 +21,7 @@ from alignment.data.stage_data import StageData
 from alignment.errors import StageError
 from alignment.modeling import lora, packing
 from alignment.modeling.loading import build_embedded_policy, load_causal_lm, load_tokenizer
-from alignment.records import CHECKPOINT_DIR, StageResult, commit_checkpoint, hash_directory, new_checkpoint_dir, read_result
+from alignment.records import CHECKPOINT_DIR, StageResult, commit_checkpoint, file_digests, hash_directory, new_checkpoint_dir, read_result
 from alignment.scale import distributed
 from alignment.tracking.base import NullTracker, Tracker
 
@@ -88,6 +89,7 @@ class SavedCheckpoint:
     path: str
     content_hash: str
     adapter: Optional[dict[str, Any]] = None
+    files: dict[str, Any] = field(default_factory=dict)  # per file: bytes and sha256 (records.file_digests)
 
 
 def resolve_start(ref: str, *, run_dir: Path, gguf_file: Optional[str] = None) -> StartPoint:
@@ -212,10 +214,10 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                 model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
                 shutil.rmtree(ctx.stage_dir / lora.ADAPTER_DIR, ignore_errors=True)  # from an earlier LoRA run: stale
             tokenizer.save_pretrained(tmp)
-            content_hash = hash_directory(tmp)
+            content_hash, files = file_digests(tmp)
             final = commit_checkpoint(tmp, ctx.stage_dir)
-            answer = (SavedCheckpoint(str(final.resolve()), content_hash, adapter), None)
-        except OSError as err:
+            answer = (SavedCheckpoint(str(final.resolve()), content_hash, adapter, files), None)
+        except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error, not an OSError
             shutil.rmtree(tmp, ignore_errors=True)
             answer = (None, f"{ctx.stage}: could not write the checkpoint in {ctx.stage_dir} ({err}); the partial "
                             f"write was removed and the previous checkpoint, if any, is unchanged. Free disk space "
@@ -241,6 +243,7 @@ def stage_result(ctx: StageContext, cfg: StageConfig, *, saved: SavedCheckpoint,
         status="complete",
         checkpoint=saved.path,
         checkpoint_hash=saved.content_hash,
+        checkpoint_files=saved.files,
         parent_stage=ctx.start.parent_stage,
         parent_checkpoint=ctx.start.path,
         parent_checkpoint_hash=ctx.start.hash,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from alignment.config import TrainConfig
@@ -122,8 +123,8 @@ def train(trainer: Trainer, ctx: StageContext, stage_cfg: TrainConfig) -> Any:
                                      key=f"{ctx.stage}.resume_from", zero_stage=zero_stage)
     try:
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except OSError as err:
-        if err.errno not in checkpoints.DISK_FULL:
+    except (OSError, SafetensorError) as err:
+        if not checkpoints.is_disk_full(err):
             raise
         raise CheckpointError(checkpoints.disk_full_message(ctx.stage, checkpoints.trainer_dir(ctx.stage_dir), err)) from err
     if guard.preempted_at is not None:

@@ -129,3 +129,36 @@ def install_log_filter(values: Iterable[str] = ()) -> None:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter(values))
+
+
+class RedactingStream:
+    """A text stream (``sys.stderr``) whose writes have secret values replaced: Hydra writes its
+    failure line (``Error executing job with overrides: [...]``, the command line included) and
+    tracebacks straight to the stream, past any logging filter."""
+
+    def __init__(self, stream, values: Iterable[str]):
+        self._stream = stream
+        self._known = sorted(env_secret_values() | {v for v in values if len(v) >= MIN_SECRET_CHARS}, key=len, reverse=True)
+
+    def write(self, text: str) -> int:
+        for value in self._known:
+            text = text.replace(value, REDACTED)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding, ...
+        return getattr(self._stream, name)
+
+
+def override_secret_values(argv: Iterable[str]) -> set[str]:
+    """Values of ``name=value`` command-line overrides whose name looks secret."""
+    return {arg.split("=", 1)[1] for arg in argv if "=" in arg and is_secret_name(arg.split("=", 1)[0].lstrip("+~"))}
+
+
+def redact_output(argv: Iterable[str]) -> None:
+    """From now on, what this process prints to stdout and stderr has the secret values of the
+    command line and the environment replaced."""
+    import sys
+
+    values = override_secret_values(argv)
+    if not isinstance(sys.stderr, RedactingStream):
+        sys.stdout, sys.stderr = RedactingStream(sys.stdout, values), RedactingStream(sys.stderr, values)

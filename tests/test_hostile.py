@@ -1,0 +1,140 @@
+"""Hostile inputs (the hardening issue): corrupted checkpoints and records, orphaned temporary
+files, values that cannot work, a canary secret in a failing run. Each ends in a clear message or
+a correct rerun, never a library traceback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from alignment.errors import CheckpointError, StageError
+from alignment.run import compose_config
+from conftest import TINY
+
+SFT_ONLY = ["eval.enabled=false"]
+
+
+def _weights(stage) -> dict[str, torch.Tensor]:
+    # Copies: load_file maps the file, and the test overwrites it in place.
+    return {k: v.clone() for k, v in load_file(str(Path(stage.checkpoint) / "model.safetensors")).items()}
+
+
+@pytest.mark.integration
+def test_same_size_corruption_of_a_finished_checkpoint_reruns_the_stage(run_recipe, caplog):
+    """100 KB of a committed model.safetensors overwritten with zeros: the file keeps its size, so
+    a size check trusts it. The per-file digest does not: the stage reruns, says why, and its
+    weights come out equal to the uninterrupted run's."""
+    _, (first,) = run_recipe("sft", *SFT_ONLY)
+    clean = _weights(first)
+    path = Path(first.checkpoint) / "model.safetensors"
+    size = path.stat().st_size
+    with open(path, "r+b") as handle:
+        handle.seek(size // 2)
+        handle.write(b"\0" * min(100_000, size // 3))
+    assert path.stat().st_size == size
+    with caplog.at_level(logging.INFO, logger="alignment.pipeline"):
+        _, (again,) = run_recipe("sft", *SFT_ONLY)
+    assert "its checkpoint changed since it was recorded: model.safetensors" in caplog.text
+    assert again.wall_seconds != first.wall_seconds, "the stage ran again"
+    after = _weights(again)
+    assert after.keys() == clean.keys() and all(torch.equal(after[k], clean[k]) for k in clean)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="alignment.pipeline"):
+        _, (third,) = run_recipe("sft", *SFT_ONLY)
+    assert third.wall_seconds == again.wall_seconds and "skipped: complete" in caplog.text
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("content, why", [(b"[]", "holds list"), (b"null", "holds NoneType"), (b"\xff\xfe{", "not UTF-8"),
+                                           (b"", "not valid JSON")])
+def test_a_broken_record_reruns_its_stage_and_says_why(run_recipe, caplog, content, why):
+    _, (first,) = run_recipe("sft", *SFT_ONLY)
+    (Path(first.checkpoint).parent / "result.json").write_bytes(content)
+    with caplog.at_level(logging.INFO, logger="alignment.pipeline"):
+        _, (again,) = run_recipe("sft", *SFT_ONLY)
+    assert "[sft] runs: its record is unreadable" in caplog.text and why in caplog.text
+    assert again.status == "complete" and again.checkpoint_hash == first.checkpoint_hash
+
+
+@pytest.mark.integration
+def test_every_rerun_logs_its_reason(run_recipe, caplog):
+    with caplog.at_level(logging.INFO, logger="alignment.pipeline"):
+        run_recipe("sft", *SFT_ONLY)
+        assert "[sft] runs: no record of an earlier run" in caplog.text
+        caplog.clear()
+        run_recipe("sft", *SFT_ONLY, "sft.learning_rate=5e-4")
+        assert "[sft] runs: inputs changed: config" in caplog.text
+        caplog.clear()
+        run_recipe("sft", *SFT_ONLY, "sft.learning_rate=5e-4", "data.suite.n_train=300")
+    assert "[sft] runs: inputs changed: config, data" in caplog.text
+
+
+@pytest.mark.integration
+def test_orphaned_temporary_files_are_removed_on_the_next_run(run_recipe, tmp_path):
+    stage_dir = tmp_path / "out" / "sft" / "sft"
+    orphans = [stage_dir / ".checkpoint.tmp-99999", stage_dir / ".adapter.old-4242", stage_dir / ".result.json.tmp-31337"]
+    orphans[0].mkdir(parents=True)
+    (orphans[0] / "model.safetensors").write_bytes(b"partial")
+    orphans[1].mkdir()
+    orphans[2].write_bytes(b"")
+    run_recipe("sft", *SFT_ONLY)
+    assert not [p for p in orphans if p.exists()]
+    assert not [p.name for p in stage_dir.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("where, error", [(".checkpoint.tmp-", StageError), ("checkpoint-", CheckpointError)])
+def test_disk_full_in_safetensors_is_a_clear_error(run_recipe, monkeypatch, tmp_path, where, error):
+    """safetensors reports ENOSPC as its own SafetensorError, which is not an OSError: at the stage
+    boundary (the partial directory is removed) and in a mid-stage checkpoint (left without its
+    completion marker, so a rerun ignores it)."""
+    from transformers import PreTrainedModel
+
+    real = PreTrainedModel.save_pretrained
+
+    def full(self, directory, **kwargs):
+        if where not in Path(directory).name:
+            return real(self, directory, **kwargs)
+        (Path(directory) / "model.safetensors").write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    with pytest.raises(error, match="No space left on device.*previous"):
+        run_recipe("sft", *SFT_ONLY, "sft.save_every_n_steps=2")
+    stage_dir = tmp_path / "out" / "sft" / "sft"
+    assert not [p.name for p in stage_dir.iterdir() if p.name.startswith(".checkpoint")]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("dpo.beta=0", "dpo.beta=0.0 must be > 0"), ("dpo.beta=-1", "dpo.beta=-1.0 must be > 0"),
+    ("eval.temperature=0", "eval.temperature=0.0 must be > 0"), ("dpo.pairs.temperature=0", "dpo.pairs.temperature=0.0 must be > 0"),
+    ("sft.max_seq_tokens=1", "sft.max_seq_tokens=1 cannot hold a prompt"), ("dpo.pairs.samples_per_prompt=1", "samples_per_prompt must be >= 2"),
+])
+def test_values_that_cannot_work_are_refused_at_compose_time(override, key):
+    with pytest.raises(StageError, match=key.replace(".", r"\.").replace("(", r"\(")):
+        compose_config(["+recipe=sft_then_dpo", override])
+
+
+def test_ppo_temperature_zero_is_refused_before_three_models_load():
+    with pytest.raises(StageError, match=r"ppo\.temperature=0\.0 must be > 0"):
+        compose_config(["+recipe=sft_rm_ppo", "ppo.temperature=0"])
+
+
+def test_a_canary_secret_reaches_nothing_a_failing_run_prints(tmp_path):
+    """Hydra writes 'Error executing job with overrides: [...]' to stderr itself, the command line
+    included; the process's own streams redact it."""
+    canary = "wandbcanary-" + "7" * 28
+    out = subprocess.run([sys.executable, "-m", "alignment.run", "+recipe=sft", *TINY, f"logger.wandb.api_key={canary}",
+                          f"hydra.run.dir={tmp_path / 'hydra'}", "output_dir=/proc/alignment-cannot-write-here"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "HOME": str(tmp_path)})
+    assert out.returncode != 0
+    assert "Error executing job with overrides" in out.stderr, out.stderr[-2000:]
+    assert canary not in out.stdout + out.stderr and "logger.wandb.api_key=[redacted]" in out.stderr
