@@ -50,7 +50,8 @@ def check_config(cfg: AlignmentConfig) -> None:
         for source in [s.path for s in data_cfg.sources] if path == MIXTURE else [path] if path else []:
             if Path(source).suffix and not Path(source).expanduser().is_file():
                 key = f"{stage}.data_path" if train.data_path else f"{stage}.data_sources/data.sources" if path == MIXTURE else "data.path"
-                raise StageError(f"{key}: {source}: no such file")
+                what = "is a directory, not a file" if Path(source).expanduser().is_dir() else "no such file"
+                raise StageError(f"{key}: {source}: {what}")
     first = getattr(cfg, cfg.stages[0])
     if cfg.stages[0] in ("dpo", "ppo", "reward") and not (first.init_from or cfg.model.name_or_path):
         name = cfg.stages[0]

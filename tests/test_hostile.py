@@ -138,3 +138,62 @@ def test_a_canary_secret_reaches_nothing_a_failing_run_prints(tmp_path):
     assert out.returncode != 0
     assert "Error executing job with overrides" in out.stderr, out.stderr[-2000:]
     assert canary not in out.stdout + out.stderr and "logger.wandb.api_key=[redacted]" in out.stderr
+
+
+def _read(path: Path, kind: str = "sft"):
+    from alignment.data.sources import _convert, load_rows
+
+    return _convert(load_rows(str(path), split="train"), kind=kind, source=str(path), fmt=None, columns=None)
+
+
+def _jsonl(path: Path, rows) -> Path:
+    import json
+
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("bad, field", [(5, "int"), ([1, 2], "list"), ({"a": 1}, "dict"), (None, "NoneType"), (True, "bool")])
+def test_a_bad_value_in_a_mixed_column_is_reported_at_its_own_row(tmp_path, bad, field):
+    """datasets cast a column to one type over the whole file and reported a bad value at row 4 as row 0."""
+    from alignment.errors import DataError
+
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(4)] + [{"prompt": "p4", "completion": bad}]
+    with pytest.raises(DataError, match=r"mixed\.jsonl, row 4: key 'completion"):
+        _read(_jsonl(tmp_path / "mixed.jsonl", rows))
+
+
+def test_strings_and_message_lists_in_one_column_load_as_written(tmp_path):
+    """The README's mixed file: chosen a string in one row and a message list in another, and
+    number-like answers that must stay strings."""
+    rows = [{"prompt": "Add: 2 2", "chosen": "4", "rejected": "5"},
+            {"prompt": "Say 12", "chosen": [{"role": "assistant", "content": "12"}], "rejected": [{"role": "assistant", "content": "21"}]}]
+    out, counts = _read(_jsonl(tmp_path / "prefs.jsonl", rows), kind="preference")
+    assert [r["chosen"][0]["content"] for r in out] == ["4", "12"] and counts == {"format:explicit": 2}
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is an empty file"), (b"  \n\n", "is an empty file"),
+    (b'[\n{"prompt": "a", "completion": "b"},\n{"prompt": "a" "completion": "b"}\n]', r"line 3, column 16: invalid JSON"),
+    (b'{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "b"}\n{"prompt": \n', r"line 3, column 12: invalid JSON"),
+    (b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n', r"line 2: byte 0xe9 is not UTF-8"),
+    (b'[{"prompt": "a", "completion": "b"}, 7]', r"row 1: a row must be a JSON object"),
+    (b'"just a string"', r"line 1: a row must be a JSON object"),
+])
+def test_unreadable_json_files_say_where_and_why(tmp_path, content, message):
+    from alignment.errors import DataError
+
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        _read(path)
+
+
+def test_a_directory_is_called_a_directory(tmp_path):
+    from alignment.errors import DataError
+
+    (tmp_path / "data.jsonl").mkdir()
+    with pytest.raises(DataError, match="is a directory"):
+        _read(tmp_path / "data.jsonl")
+    with pytest.raises(StageError, match="is a directory, not a file"):
+        compose_config(["+recipe=sft", f"data={tmp_path / 'data.jsonl'}"])

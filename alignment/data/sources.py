@@ -1,8 +1,9 @@
 """Where a stage's rows come from: a file, a ``datasets`` name, or a weighted mixture of sources.
 
-Files go through the real ``datasets.load_dataset`` code (local ``.json``/``.jsonl``/``.parquet``/
-``.csv``, or a dataset name, which needs the network) and every row is converted once by
-alignment/data/formats.py to the stage's conversational form.
+Local ``.json``/``.jsonl`` files are read here with every value as written (``datasets`` would cast
+a column to one type); ``.parquet``/``.csv`` files and dataset names (which need the network) go
+through ``datasets.load_dataset``. Every row is converted once by alignment/data/formats.py to the
+stage's conversational form.
 """
 
 from __future__ import annotations
@@ -39,21 +40,27 @@ def stage_source(cfg: DataConfig, data_path: Optional[str]) -> Optional[str]:
 
 
 def load_rows(path: str, *, split: str) -> list[dict[str, Any]]:
-    """Rows of a local file (by extension) or of a ``datasets`` name, through load_dataset."""
+    """Rows of a local file (by extension) or of a ``datasets`` name. JSON and JSON Lines are read
+    here (:func:`read_json_rows`), Parquet, CSV and names through ``load_dataset``."""
     import datasets
 
     local = Path(path).expanduser()
     if local.suffix.lower() in _LOCAL_BUILDERS or local.exists():
+        if local.is_dir():
+            raise DataError(f"data file {local} is a directory: point data.path (or <stage>.data_path) at a file inside it")
         if not local.is_file():
             raise DataError(f"data file {local} does not exist: set data.path (or <stage>.data_path) to an existing file")
         builder = _LOCAL_BUILDERS.get(local.suffix.lower())
         if builder is None:
             raise DataError(f"data file {local}: unknown extension {local.suffix!r}; use one of {sorted(_LOCAL_BUILDERS)}")
+        if local.stat().st_size == 0:
+            raise DataError(f"data file {local} is an empty file: it holds no rows")
+        if builder == "json":
+            return read_json_rows(local)
         try:
-            loaded = datasets.load_dataset(builder, data_files=str(local.resolve()), split="train")
+            return datasets.load_dataset(builder, data_files=str(local.resolve()), split="train").to_list()
         except Exception as err:  # the builders raise many types; all mean the file is unreadable
-            raise DataError(f"data file {local} could not be read as {builder}: {err}") from err
-        return loaded.to_list()
+            raise DataError(f"data file {local} could not be read as {builder}: {type(err).__name__}: {err}") from err
     try:
         return datasets.load_dataset(path, split=split).to_list()
     except Exception as err:
@@ -61,6 +68,44 @@ def load_rows(path: str, *, split: str) -> list[dict[str, Any]]:
             f"dataset {path!r} could not be loaded ({type(err).__name__}: {err}). Offline, only local files work: "
             "pass a path to a .json/.jsonl/.parquet/.csv file"
         ) from err
+
+
+def read_json_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON file (a list of objects) or a JSON Lines file (one object a line), each
+    value as written. ``datasets``' JSON builder casts a column to one type over the whole file, so
+    a column mixing strings and message lists (or numbers and strings) is refused or re-decoded,
+    and its errors name neither the line nor the row; here every error does."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"data file {path}, line {line}: byte {raw[err.start]:#04x} is not UTF-8; save the file as UTF-8") from None
+    if not text.strip():
+        raise DataError(f"data file {path} is an empty file (only whitespace): it holds no rows")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"data file {path}, line {err.lineno}, column {err.colno}: invalid JSON ({err.msg})") from None
+        numbered = list(enumerate(rows if isinstance(rows, list) else [rows]))
+        where = "row"
+    else:  # JSON Lines (datasets reads those from a .json file too)
+        numbered = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(f"data file {path}, line {number}, column {err.colno}: invalid JSON ({err.msg}); each line "
+                                f"of a JSON Lines file holds one object") from None
+        where = "line"
+    for index, row in numbered:
+        if not isinstance(row, dict):
+            raise DataError(f"data file {path}, {where} {index}: a row must be a JSON object with named fields, got "
+                            f"{type(row).__name__} {json.dumps(row)[:60]}")
+    return [row for _, row in numbered]
 
 
 def fingerprint_rows(rows: Sequence[dict[str, Any]]) -> str:
