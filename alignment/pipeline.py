@@ -43,7 +43,7 @@ from alignment.records import (
 from alignment.report.markdown import write_report
 from alignment.report.table import format_table
 from alignment.scale import distributed
-from alignment.scale.checkpoints import trainer_dir
+from alignment.scale.checkpoints import SAMPLING_DIR, trainer_dir
 from alignment.scale.preemption import Preempted
 from alignment.stages import POLICY_STAGES, runner
 from alignment.stages.common import StageContext, StartPoint, resolve_start
@@ -190,6 +190,7 @@ def _run_stage(stage: str, stage_cfg: StageConfig, ctx: StageContext, key: str, 
         # The stage is committed: its mid-stage checkpoints (optimizer states included, several
         # times the model's size) can no longer be resumed from, so they go.
         shutil.rmtree(trainer_dir(ctx.stage_dir), ignore_errors=True)
+        shutil.rmtree(ctx.stage_dir / SAMPLING_DIR, ignore_errors=True)  # journaled pair sampling, likewise
     distributed.barrier()
     return result
 

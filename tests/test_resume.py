@@ -56,17 +56,22 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> Non
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
+def reference_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
     subprocess.run(_command(out), check=True, env=_env(), capture_output=True)
-    return _weights(out / "sft")
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(reference_run) -> dict[str, torch.Tensor]:
+    return _weights(reference_run / "sft")
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_kill_9_mid_stage_resumes_to_the_same_weights(tmp_path, uninterrupted):
+def test_kill_9_mid_stage_resumes_to_the_same_weights(tmp_path, uninterrupted, reference_run):
     out = tmp_path / "out"
     proc = subprocess.Popen(_command(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for(out / "sft" / "sft" / "trainer" / "checkpoint-20" / MARKER, proc)
@@ -78,6 +83,10 @@ def test_kill_9_mid_stage_resumes_to_the_same_weights(tmp_path, uninterrupted):
     assert "resuming from" in resumed.stdout + resumed.stderr
     assert _same(_weights(out / "sft"), uninterrupted)
     assert not (out / "sft" / "sft" / "trainer").exists()  # committed: its mid-stage checkpoints are removed
+    # The mean loss covers all 60 steps, not only the 40 after the resume (the marker carries the sum).
+    reference, after = read_result(reference_run / "sft" / "sft").metrics, read_result(out / "sft" / "sft").metrics
+    assert after["train_steps"] == 60 and after["train_loss_mean"] == pytest.approx(reference["train_loss_mean"], rel=1e-6)
+    assert after["train_loss_history"] == reference["train_loss_history"]
 
 
 def test_partial_checkpoint_is_skipped_for_the_previous_complete_one(tmp_path, uninterrupted, caplog):
@@ -240,3 +249,36 @@ def test_sigusr1_on_two_ranks_stops_both_at_one_step_then_resumes_exactly(tmp_pa
     assert read_result(out / "sft" / "sft").status == "complete"
     final = _weights(out / "sft")  # two ranks sum gradients in another order than one: not bit-equal
     assert all(torch.allclose(final[k], uninterrupted[k], atol=1e-5, rtol=0) for k in final)
+
+
+# DPO on an SFT checkpoint with 64 pair-sampling batches (of 16 replies): long enough to stop
+# from outside while it samples.
+SAMPLED_DPO = ["+recipe=dpo", "data.suite.n_train=512", "data.suite.n_eval=14", "dpo.pairs.n_prompts=256", "dpo.pairs.batch_size=16",
+               "dpo.max_steps=3", "dpo.per_device_batch_size=8", "eval.enabled=false", "num_threads=1", "logger=none"]
+
+
+def test_sigterm_while_sampling_pairs_stops_in_seconds_and_the_rerun_reuses_the_pairs(tmp_path, reference_run):
+    sft = reference_run / "sft" / "sft"
+    command = [sys.executable, "-m", "alignment.run", *SAMPLED_DPO, f"dpo.init_from={sft}"]
+    subprocess.run([*command, f"output_dir={tmp_path / 'whole'}"], check=True, env=_env(), capture_output=True)
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([*command, f"output_dir={out}"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    journal = out / "dpo" / "dpo" / checkpoints.SAMPLING_DIR
+    deadline = time.monotonic() + 120
+    while len(list(journal.glob("*/train/batch-*.pt"))) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, "sampling did not start"
+        time.sleep(0.05)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=60)
+    took = time.monotonic() - sent
+    assert proc.returncode == preempt.PREEMPTED_EXIT and took < 30, (proc.returncode, took, log[-2000:])
+    assert "stopped while sampling on SIGTERM" in log and read_result(out / "dpo" / "dpo").status == "preempted"
+    kept = len(list(journal.glob("*/train/batch-*.pt")))
+    assert 3 <= kept < 64
+    resumed = subprocess.run([*command, f"output_dir={out}"], env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming sampling: {kept} of 64 batches" in resumed.stdout + resumed.stderr
+    assert _same(_weights(out / "dpo", "dpo"), _weights(tmp_path / "whole" / "dpo", "dpo"))
+    assert read_result(out / "dpo" / "dpo").data == read_result(tmp_path / "whole" / "dpo" / "dpo").data
+    assert not journal.exists(), "the journal goes once the stage is committed"

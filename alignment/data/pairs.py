@@ -16,6 +16,7 @@ import logging
 import random
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from datasets import Dataset
@@ -36,16 +37,18 @@ Scorer = Callable[[list[list[int]], list[list[int]]], list[float]]
 
 
 def preference_data(run_cfg: AlignmentConfig, stage_cfg: TrainConfig, *, tokenizer: PreTrainedTokenizerBase,
-                    sampling_policy: Callable[[], PreTrainedModel], scorer: Callable[[], Optional[Scorer]] = lambda: None) -> StageData:
+                    sampling_policy: Callable[[], PreTrainedModel], scorer: Callable[[], Optional[Scorer]] = lambda: None,
+                    journal: Optional[Path] = None) -> StageData:
     """A preference stage's pairs: from its file or mixture when it has one (converted, and checked
     with ``tokenizer`` before any model loads), else sampled on the suite from ``sampling_policy()``
     and labelled by ``scorer()`` (a reward model) or, when that gives None, the verifier. Both
-    callables are only called when pairs are sampled."""
+    callables are only called when pairs are sampled. With ``journal`` (a directory) the sampling
+    keeps its finished batches there and a rerun after a stop takes them up (``generate``)."""
     data_cfg = stage_data(run_cfg.data, stage_cfg)
     path = stage_source(data_cfg, stage_cfg.data_path)
     if path is not None:
         return preference_file_data(data_cfg, path=path, seed=run_cfg.seed, tokenizer=tokenizer, max_seq_tokens=stage_cfg.max_seq_tokens)
-    return suite_preference_data(sampling_policy(), tokenizer, pairs=stage_cfg.pairs, cfg=run_cfg, scorer=scorer())
+    return suite_preference_data(sampling_policy(), tokenizer, pairs=stage_cfg.pairs, cfg=run_cfg, scorer=scorer(), journal=journal)
 
 
 def sample_pairs(
@@ -56,6 +59,7 @@ def sample_pairs(
     cfg: PairsConfig,
     seed: int,
     scorer: Optional[Scorer] = None,
+    journal: Optional[Path] = None,
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Preference rows and how they came about.
 
@@ -71,7 +75,7 @@ def sample_pairs(
     started = time.monotonic()
     log.info("sampling pairs: %d prompts x %d replies, up to %d new tokens", len(prompts), cfg.samples_per_prompt, cfg.max_new_tokens)
     samples = generate(model, tokenizer, prompts, num_samples=cfg.samples_per_prompt, temperature=cfg.temperature,
-                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=seed)
+                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=seed, journal=journal)
     tail = turn_tail(tokenizer)
     prompt_ids = render_prompts(tokenizer, prompts)
     groups = []  # per prompt: distinct replies by text, in sampled order, each with its rendered ids
@@ -119,7 +123,8 @@ def sample_pairs(
 
 
 def suite_preference_data(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, pairs: PairsConfig, cfg: AlignmentConfig, scorer: Optional[Scorer] = None
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, pairs: PairsConfig, cfg: AlignmentConfig, scorer: Optional[Scorer] = None,
+    journal: Optional[Path] = None,
 ) -> StageData:
     """Train pairs sampled from ``model`` on the suite's training prompts (labelled by the
     verifier or ``scorer``) and held-out pairs on the eval prompts, always verifier-labelled so
@@ -127,11 +132,13 @@ def suite_preference_data(
     suite = load_suite(cfg.data.suite)
     held = suite_held_out(suite)
     common = {"cfg": pairs}
-    train_rows, train_counts = sample_pairs(model, tokenizer, suite.train[: pairs.n_prompts], seed=cfg.seed, scorer=scorer, **common)
+    train_rows, train_counts = sample_pairs(model, tokenizer, suite.train[: pairs.n_prompts], seed=cfg.seed, scorer=scorer,
+                                            journal=journal / "train" if journal else None, **common)
     # The held-out pairs cover the prompts evaluation scores (eval.n_prompts), not every held-out
     # prompt: on a real model sampling all of them cost more than the stage's training.
     held_prompts = held.examples[: cfg.eval.n_prompts] if cfg.eval.n_prompts else held.examples
-    eval_rows, eval_counts = sample_pairs(model, tokenizer, held_prompts, seed=cfg.seed + 1, **common)
+    eval_rows, eval_counts = sample_pairs(model, tokenizer, held_prompts, seed=cfg.seed + 1,
+                                          journal=journal / "eval" if journal else None, **common)
     if not train_rows:
         raise StageError("the policy's samples gave no preference pair (every sample equal?); raise <stage>.pairs.n_prompts")
     return StageData(

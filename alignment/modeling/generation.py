@@ -7,12 +7,19 @@ sampled lives in alignment/modeling/scoring.py.
 
 from __future__ import annotations
 
+import logging
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from alignment.scale import preemption
+
+log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
 
@@ -83,25 +90,76 @@ def generate(
     max_new_tokens: int,
     batch_size: int,
     seed: int,
+    journal: Optional[Path] = None,
 ) -> list[list[Generation]]:
-    """``num_samples`` responses per prompt; ``temperature == 0`` means greedy decoding."""
+    """``num_samples`` responses per prompt; ``temperature == 0`` means greedy decoding.
+
+    A stop request (SIGTERM, SIGUSR1) is honoured between batches: :class:`Preempted` is raised
+    within one batch's time. With ``journal`` (a directory) every finished batch is written there
+    with the random state after it, and a later call with the same arguments and journal takes
+    those batches as they are and samples only the rest: the same samples as an uninterrupted
+    call, bit for bit, because it continues the same random stream.
+    """
     prompt_ids = render_prompts(tokenizer, prompts)
     flat = [ids for ids in prompt_ids for _ in range(num_samples)]
     # Sorting by length keeps left padding short; results are put back in order at the end.
     order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
     texts: list[Generation | None] = [None] * len(flat)
     device = next(model.parameters()).device
-    generator_state = torch.random.get_rng_state()
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    saved_state = _rng_state(device)
     torch.manual_seed(seed)
     try:
+        done = _replay(journal, texts, len(batches), device) if journal is not None else 0
         with eval_mode(model):
-            for start in range(0, len(order), batch_size):
-                index = order[start : start + batch_size]
-                for i, gen in zip(index, _generate_batch(model, tokenizer, [flat[i] for i in index], temperature, max_new_tokens, device)):
+            for number, index in enumerate(batches[done:], start=done):
+                if preemption.stop_requested():
+                    kept = f"; {number} of {len(batches)} batches kept in {journal} for the rerun" if journal is not None else ""
+                    raise preemption.Preempted(f"stopped while sampling on {preemption.signal_name()}{kept}; rerun the same command to resume")
+                generated = _generate_batch(model, tokenizer, [flat[i] for i in index], temperature, max_new_tokens, device)
+                for i, gen in zip(index, generated):
                     texts[i] = gen
+                if journal is not None:
+                    _record(journal, number, dict(zip(index, generated)), device)
     finally:
-        torch.random.set_rng_state(generator_state)
+        _set_rng_state(saved_state, device)
     return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]  # type: ignore[misc]
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.random.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.random.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _record(journal: Path, number: int, generated: dict[int, Generation], device: torch.device) -> None:
+    """Batch ``number``'s samples and the random state after it, written whole or not at all."""
+    journal.mkdir(parents=True, exist_ok=True)
+    path = journal / f"batch-{number:06d}.pt"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save({"samples": {i: (g.text, g.token_ids, g.ended) for i, g in generated.items()}, "rng": _rng_state(device)}, tmp)
+    os.replace(tmp, path)
+
+
+def _replay(journal: Path, texts: list, n_batches: int, device: torch.device) -> int:
+    """Fill ``texts`` from the journal's consecutive finished batches; return how many there were."""
+    done = 0
+    while done < n_batches and (journal / f"batch-{done:06d}.pt").is_file():
+        entry = torch.load(journal / f"batch-{done:06d}.pt", weights_only=False)
+        for i, (text, token_ids, ended) in entry["samples"].items():
+            texts[i] = Generation(text, tuple(token_ids), ended)
+        _set_rng_state(entry["rng"], device)
+        done += 1
+    if done:
+        log.info("resuming sampling: %d of %d batches taken from %s", done, n_batches, journal)
+    return done
 
 
 def _generate_batch(model, tokenizer, batch: list[list[int]], temperature: float, max_new_tokens: int, device) -> list[Generation]:

@@ -37,6 +37,7 @@ from alignment.scale import distributed, preemption
 
 log = logging.getLogger(__name__)
 MARKER = "alignment_complete.json"
+SAMPLING_DIR = "sampling"
 TRAINER_DIR = "trainer"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 
@@ -64,14 +65,28 @@ def trainer_dir(stage_dir: Path) -> Path:
     return stage_dir / TRAINER_DIR
 
 
+def sampling_dir(stage_dir: Path, inputs_hash: str) -> Path:
+    """Where a stage's pair sampling journals its finished batches (alignment/modeling/generation.py),
+    per inputs hash, so a preempted stage reuses them and a changed one never does."""
+    return stage_dir / SAMPLING_DIR / inputs_hash[:16]
+
+
 def layout(zero_stage: int) -> dict[str, int]:
     """What a sharded checkpoint depends on: ZeRO shards resume only on as many processes."""
     return {"world_size": distributed.world_size(), "zero_stage": zero_stage}
 
 
-def mark_complete(checkpoint: Path, *, inputs_hash: str, step: int, zero_stage: int = 0) -> None:
+def mark_complete(checkpoint: Path, *, inputs_hash: str, step: int, zero_stage: int = 0, loss_sum: Optional[float] = None) -> None:
+    """The completion marker; ``loss_sum`` (the training loss summed over steps 1..step) lets a
+    resumed stage report the mean loss over all its steps, not only those after the resume."""
     atomic_write_json(checkpoint / MARKER, {"step": step, "inputs_hash": inputs_hash, "layout": layout(zero_stage),
-                                            "written_at": time.time()})
+                                            "written_at": time.time(), "loss_sum": loss_sum})
+
+
+def resumed_loss_sum(checkpoint: Optional[Path]) -> float:
+    """The loss summed over the steps before ``checkpoint`` (0 when starting fresh)."""
+    record = marker(checkpoint) if checkpoint is not None else None
+    return float((record or {}).get("loss_sum") or 0.0)
 
 
 def _check_layout(path: Path, record: dict[str, Any], zero_stage: int) -> None:
@@ -154,8 +169,9 @@ def _choose(stage_dir: Path, *, inputs_hash: str, requested: Optional[str], key:
 class StageGuard(TrainerCallback):
     """Marks complete checkpoints, and stops on a stop request at a step all ranks agree on."""
 
-    def __init__(self, *, inputs_hash: str, stage: str, zero_stage: int):
+    def __init__(self, *, inputs_hash: str, stage: str, zero_stage: int, loss_sum: Callable[[], Optional[float]] = lambda: None):
         self.inputs_hash, self.stage, self.zero_stage = inputs_hash, stage, zero_stage
+        self.loss_sum = loss_sum  # the loss summed over every step so far, carried in each checkpoint's marker
         self.preempted_at: Optional[int] = None
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -179,7 +195,7 @@ class StageGuard(TrainerCallback):
         distributed.barrier()  # every rank has written its part (ZeRO shards, RNG state)
         if distributed.is_main():
             mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", inputs_hash=self.inputs_hash,
-                          step=state.global_step, zero_stage=self.zero_stage)
+                          step=state.global_step, zero_stage=self.zero_stage, loss_sum=self.loss_sum())
         distributed.barrier()
         return control
 

@@ -33,7 +33,8 @@ def install() -> None:
 
 def _on_signal(signum, _frame) -> None:
     if not _state["requested"]:
-        log.warning("received %s: stopping at the next step, after a checkpoint", signal.Signals(signum).name)
+        log.warning("received %s: stopping at the next training step (after a checkpoint) or sampling batch (keeping the "
+                    "finished ones)", signal.Signals(signum).name)
     _state.update(requested=True, signal=signal.Signals(signum).name)
 
 

@@ -38,6 +38,7 @@ from alignment.modeling import compact_head, lora
 from alignment.modeling.loading import load_reward_model
 from alignment.modeling.scoring import score_responses
 from alignment.records import StageResult
+from alignment.scale import checkpoints
 from alignment.scale.distributed import unsharded
 from alignment.stages.common import Lazy, StageContext, find_reward_model, load_policy, padding_free, place, require_policy_start
 from alignment.stages.trl_stage import Prepared, TRLStage, run_trl_stage, trainer_kwargs
@@ -52,7 +53,8 @@ def prepare(cfg: DPOConfig, ctx: StageContext, tokenizer) -> Prepared:
     require_policy_start(ctx)
     policy = Lazy(lambda: padding_free(load_policy(ctx, tokenizer), ctx))  # pairs are sampled from the policy being trained
     labeler = Lazy(lambda: _reward_labeler(cfg, ctx, tokenizer))
-    data = preference_data(ctx.cfg, cfg, tokenizer=tokenizer, sampling_policy=policy, scorer=lambda: labeler()[0])
+    data = preference_data(ctx.cfg, cfg, tokenizer=tokenizer, sampling_policy=policy, scorer=lambda: labeler()[0],
+                           journal=checkpoints.sampling_dir(ctx.stage_dir, ctx.inputs_key))  # kept across a preemption
     model = policy()
     inputs, reward_model = {}, None
     if labeler.value is not None and labeler.value[0] is not None:

@@ -32,6 +32,7 @@ from alignment.evaluate import pair_metrics, policy_reward_score
 from alignment.modeling import lora
 from alignment.modeling.loading import load_reward_model
 from alignment.records import StageResult
+from alignment.scale import checkpoints
 from alignment.stages.common import Lazy, StageContext, load_policy, padding_free, place, require_policy_start
 from alignment.stages.trl_stage import Prepared, TRLStage, run_trl_stage, trainer_kwargs
 
@@ -47,7 +48,8 @@ def prepare(cfg: RewardConfig, ctx: StageContext, tokenizer) -> Prepared:
         lora.check_task(ctx.start.adapter, task=lora.SEQ_CLS)
     # On the suite the pairs are sampled from the policy, which is kept to score it afterwards.
     policy = Lazy(lambda: padding_free(load_policy(ctx, tokenizer, trainable=False), ctx))
-    data = preference_data(ctx.cfg, cfg, tokenizer=tokenizer, sampling_policy=policy)
+    data = preference_data(ctx.cfg, cfg, tokenizer=tokenizer, sampling_policy=policy,
+                           journal=checkpoints.sampling_dir(ctx.stage_dir, ctx.inputs_key))  # kept across a preemption
     model, reward_tokenizer = load_reward_model(ctx.start.path, ctx.cfg.model)
     model = place(lora.attach(padding_free(model, ctx), ctx.cfg, task=lora.SEQ_CLS, adapter=ctx.start.adapter))
     return Prepared(model=model, tokenizer=reward_tokenizer, data=data, extras={"policy": policy.value})

@@ -115,12 +115,14 @@ def train(trainer: Trainer, ctx: StageContext, stage_cfg: TrainConfig) -> Any:
     Raises :class:`alignment.scale.preemption.Preempted` after the checkpoint when asked to stop.
     """
     zero_stage = ctx.cfg.deepspeed.zero_stage
-    guard = checkpoints.StageGuard(inputs_hash=ctx.inputs_key, stage=ctx.stage, zero_stage=zero_stage)
+    resume = checkpoints.find_resume(ctx.stage_dir, inputs_hash=ctx.inputs_key, requested=stage_cfg.resume_from,
+                                     key=f"{ctx.stage}.resume_from", zero_stage=zero_stage)
+    before = checkpoints.resumed_loss_sum(resume)  # the loss summed over the steps before the resume
+    guard = checkpoints.StageGuard(inputs_hash=ctx.inputs_key, stage=ctx.stage, zero_stage=zero_stage,
+                                   loss_sum=lambda: before + session_loss_sum(trainer))
     trainer.add_callback(guard)
     trainer.add_callback(TrainLogCallback(ctx.tracker, stage=ctx.stage))
     checkpoints.guard_finite_loss(trainer, stage=ctx.stage)
-    resume = checkpoints.find_resume(ctx.stage_dir, inputs_hash=ctx.inputs_key, requested=stage_cfg.resume_from,
-                                     key=f"{ctx.stage}.resume_from", zero_stage=zero_stage)
     try:
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except (OSError, SafetensorError) as err:
@@ -130,7 +132,18 @@ def train(trainer: Trainer, ctx: StageContext, stage_cfg: TrainConfig) -> Any:
     if guard.preempted_at is not None:
         raise preemption.Preempted(f"{ctx.stage}: stopped at step {guard.preempted_at} on {preemption.signal_name()}; "
                                    f"checkpoint in {checkpoints.trainer_dir(ctx.stage_dir)}; rerun the same command to resume")
-    return output
+    # transformers averages over the steps of this process's run only (after a resume: those after
+    # it; resumed at the last step: 0.0); the marker carried the sum over the steps before.
+    session_steps = output.global_step - (checkpoints.step_of(resume) if resume else 0)
+    return output._replace(training_loss=(before + output.training_loss * session_steps) / max(1, output.global_step))
+
+
+def session_loss_sum(trainer: Trainer) -> float:
+    """The training loss summed over the steps this ``trainer.train()`` call has run so far (read
+    while it runs, at each checkpoint): the logged part plus what is not yet logged (transformers' private ``_total_loss_scalar`` and ``_tr_loss``;
+    alignment/compat.py checks both)."""
+    pending = getattr(trainer, "_tr_loss", None)
+    return float(getattr(trainer, "_total_loss_scalar", 0.0)) + (float(pending.item()) if torch.is_tensor(pending) else 0.0)
 
 
 def train_metrics(train_output: Any, trainer: Trainer) -> dict[str, Any]:
