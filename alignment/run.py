@@ -31,7 +31,7 @@ from omegaconf.errors import MissingMandatoryValue
 from alignment import compat
 from alignment.config import AlignmentConfig, register_schemas, shipped_dir
 from alignment.config_checks import batch_plan, check_config
-from alignment.errors import ConfigError, UserError
+from alignment.errors import ConfigError, DataError, UserError
 from alignment.scale import distributed, preemption
 from alignment.scale.launch import launch, needs_launch
 from alignment.tracking.redaction import install_log_filter, override_secret_values, redact_output, scrub_text_file, scrub_yaml_files, secret_values
@@ -40,6 +40,9 @@ log = logging.getLogger("alignment")
 RECIPE_PACKAGE = "alignment.recipes"
 _DATA_OPTIONS = ("suite", "file")
 _STARTED = {"task": False}
+# The exit code of a config or data error (as argparse and most CLIs use for bad usage); other
+# errors a user can fix (a checkpoint, the disk) exit 1, a preempted stage PREEMPTED_EXIT.
+USAGE_EXIT = 2
 
 
 CONFIG_DIR = str(shipped_dir("alignment.conf", "conf"))
@@ -172,7 +175,8 @@ def _hydra_main(raw: DictConfig) -> None:
             return
         _run_this_rank(cfg)
     except UserError as err:
-        raise SystemExit(f"alignment: error: {err}") from None
+        print(f"alignment: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(USAGE_EXIT if isinstance(err, (ConfigError, DataError)) else 1) from None
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -234,6 +238,7 @@ def main() -> None:
                 f"recipes: {', '.join(recipes)}). See the error above.",
                 file=sys.stderr,
             )
+            raise SystemExit(USAGE_EXIT) from None
         raise
 
 

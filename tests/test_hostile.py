@@ -197,3 +197,48 @@ def test_a_directory_is_called_a_directory(tmp_path):
         _read(tmp_path / "data.jsonl")
     with pytest.raises(StageError, match="is a directory, not a file"):
         compose_config(["+recipe=sft", f"data={tmp_path / 'data.jsonl'}"])
+
+
+def _broken_copy(tmp_path: Path, how: str) -> Path:
+    """stories260K with one thing broken (``how``)."""
+    import json
+    import shutil
+
+    from conftest import shared
+
+    model = tmp_path / how
+    shutil.copytree(shared("models", "stories260K"), model)
+    for path in model.iterdir():
+        path.chmod(0o644)
+    config = json.loads((model / "config.json").read_text())
+    if how == "no_model_type":
+        (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    elif how == "bad_config_value":
+        (model / "config.json").write_text(json.dumps({**config, "hidden_size": "wide"}))
+    elif how == "bad_tokenizer":
+        (model / "tokenizer.json").write_text('{"version": "1.0", "model": 7}')
+        (model / "tokenizer.model").unlink()
+    elif how == "truncated_weights":
+        with open(model / "model.safetensors", "r+b") as handle:
+            handle.truncate(1000)
+    return model
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("how, cause", [("no_model_type", "ValueError"), ("bad_config_value", "hidden_size"),
+                                        ("bad_tokenizer", "KeyError"), ("truncated_weights", "SafetensorError")])
+def test_a_broken_model_directory_is_named_not_a_library_traceback(tmp_path, run_recipe, how, cause):
+    model = _broken_copy(tmp_path, how)
+    with pytest.raises(StageError, match=f"could not load a (model|tokenizer) from '{model}'.*{cause}.*model.name_or_path"):
+        run_recipe("sft", "model=hf", f"model.name_or_path={model}", "eval.enabled=false")
+
+
+def test_config_and_data_errors_exit_2_with_one_line(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    for args in (["+recipe=sft_then_dpo", "dpo.beta=-1"], ["+recipe=sft_then_dpo", "dpo.betta=0.2"], ["+recipe=sft", f"data={empty}"]):
+        out = subprocess.run([sys.executable, "-m", "alignment.run", *args, *TINY, f"output_dir={tmp_path / 'out'}"],
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert out.returncode == 2, (args, out.stderr[-1500:])
+        assert "Traceback" not in out.stderr, (args, out.stderr[-1500:])
+    assert f"data file {empty} is an empty file" in out.stderr

@@ -11,7 +11,8 @@ shards them.
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from transformers import (
@@ -23,7 +24,7 @@ from transformers import (
 )
 
 from alignment.config import ModelConfig
-from alignment.errors import StageError
+from alignment.errors import StageError, UserError
 from alignment.modeling import embedded, lora
 from alignment.modeling.gguf import as_plain_model
 from alignment.scale.distributed import whole_loading
@@ -47,10 +48,8 @@ def load_tokenizer(ref: Optional[str], model_cfg: ModelConfig, *, key: str = "mo
     masked everywhere, and reward models are read where training read them: see scoring.py)."""
     if ref is None:
         return embedded.build_tokenizer()
-    try:
+    with loading("a tokenizer", ref, key=key, gguf_file=gguf_file):
         tokenizer = AutoTokenizer.from_pretrained(ref, **({"gguf_file": gguf_file} if gguf_file else {}))
-    except (OSError, ValueError) as err:
-        raise StageError(f"could not load a tokenizer from {ref!r}{f' ({gguf_file})' if gguf_file else ''} ({err}); check {key}") from err
     if tokenizer.eos_token is None:
         raise StageError(f"the tokenizer of {ref!r} has no end-of-sequence token, so generation could never stop; set "
                          f"model.tokenizer_name_or_path to a tokenizer that has one")
@@ -94,14 +93,11 @@ def load_causal_lm(path: str, model_cfg: ModelConfig, tokenizer: PreTrainedToken
     from a GGUF file of ``path`` when ``gguf_file`` is given (transformers dequantises it to the
     configured dtype)."""
     extra = {"gguf_file": gguf_file} if gguf_file else {}
-    try:
-        with whole_loading():
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype_of(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation, **lora.load_kwargs(model_cfg),
-                **extra,
-            )
-    except OSError as err:
-        raise StageError(f"could not load a model from {path!r}{f' ({gguf_file})' if gguf_file else ''} ({err}); check {key}") from err
+    with loading("a model", path, key=key, gguf_file=gguf_file), whole_loading():
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype_of(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation, **lora.load_kwargs(model_cfg),
+            **extra,
+        )
     if gguf_file:
         as_plain_model(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -113,15 +109,12 @@ def load_causal_lm(path: str, model_cfg: ModelConfig, tokenizer: PreTrainedToken
 def load_reward_model(path: str, model_cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A sequence-classification model with one output from any causal-LM or reward checkpoint,
     and the tokenizer saved with it."""
-    try:
+    with loading("a reward model", path, key="the reward model's checkpoint"), whole_loading():
         tokenizer = AutoTokenizer.from_pretrained(path)
-        with whole_loading():
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=dtype_of(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation,
-                **lora.load_kwargs(model_cfg)
-            )
-    except OSError as err:
-        raise StageError(f"could not load a reward model from {path!r} ({err})") from err
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=dtype_of(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation,
+            **lora.load_kwargs(model_cfg)
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
@@ -130,5 +123,24 @@ def load_reward_model(path: str, model_cfg: ModelConfig) -> tuple[PreTrainedMode
 
 def load_value_model_from_policy(path: str) -> PreTrainedModel:
     """A scalar-head model on a policy checkpoint (PPO's ``value_from=policy``); the head is new."""
-    with whole_loading():
+    with loading("a value model", path, key="ppo.value_from=policy"), whole_loading():
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+
+
+@contextmanager
+def loading(what: str, path: str, *, key: str, gguf_file: Optional[str] = None) -> Iterator[None]:
+    """One clear error for a checkpoint transformers cannot load. A broken directory fails deep
+    inside transformers, tokenizers or safetensors with whatever type those raise (ValueError,
+    KeyError, SafetensorError, a validation error); the cause is the directory's content either
+    way, so the message names it. Running out of memory is not a broken checkpoint: it passes."""
+    try:
+        yield
+    except (MemoryError, torch.OutOfMemoryError, UserError):
+        raise
+    except Exception as err:
+        where = f"{path!r}" + (f" ({gguf_file})" if gguf_file else "")
+        detail = " ".join(str(err).split())[:300].rstrip(".")
+        raise StageError(f"could not load {what} from {where}: {type(err).__name__}: {detail}. Check {key}: it must "
+                         f"name a complete Hugging Face checkpoint (config.json with a model_type, the weights, the "
+                         f"tokenizer files) or hub id") from err
+
