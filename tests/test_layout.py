@@ -13,8 +13,10 @@ from pathlib import Path
 
 import alignment
 
-PACKAGE = Path(alignment.__file__).resolve().parent
-ROOT = PACKAGE.parent
+# The source tree beside the tests, not the installed copy: CI installs the wheel, whose
+# site-packages holds only the subpackages pyproject.toml lists (and no pyproject.toml).
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "alignment"
 
 
 def _module_name(path: Path) -> str:
