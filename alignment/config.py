@@ -283,6 +283,68 @@ class PPOConfig(StageConfig):
 
 
 @dataclass
+class RewardFunctionConfig:
+    """One reward an online-RL stage optimises, with its weight in the weighted sum.
+
+    ``name``: ``verifier`` (the task suite's exact check: 1 for a correct reply, else 0),
+    ``reward_model`` (the chain's reward stage, or ``reward_from``, scored at the token it was
+    trained on), or ``package.module:function``, a function with TRL's reward signature
+    ``f(prompts, completions, completion_ids, **columns) -> list[float]`` (``answer`` is the
+    reference answer where the data has one). Length or format penalties are ordinary functions.
+    """
+
+    name: str = MISSING
+    weight: float = 1.0
+
+
+@dataclass
+class OnlineRLConfig(TrainConfig):
+    """What GRPO and RLOO share: TRL's online trainers sample ``num_generations`` replies per
+    prompt, score them with the reward functions and push up the better ones of each group.
+
+    ``per_device_batch_size`` counts replies (prompts x num_generations) per process and step;
+    ``max_seq_tokens`` bounds prompt + reply: prompts longer than max_seq_tokens -
+    max_new_tokens follow data.over_length.
+    """
+
+    learning_rate: float = 1e-6
+    num_generations: int = 8  # replies per prompt: the group whose mean (or leave-one-out mean) is the baseline
+    temperature: float = 1.0
+    max_new_tokens: int = 256  # longest reply, in tokens (TRL's max_completion_length)
+    beta: float = 0.0  # KL coefficient against the frozen starting policy; 0 loads no reference model
+    epsilon: float = 0.2  # clipping of the probability ratio, low side (and high side unless epsilon_high)
+    epsilon_high: Optional[float] = None  # DAPO's asymmetric upper clip; None: epsilon
+    num_iterations: int = 1  # optimiser passes over each generated batch (mu in the GRPO paper)
+    n_prompts: int = 4000  # training prompts drawn from the suite (or the prompt file)
+    rewards: List[RewardFunctionConfig] = field(default_factory=lambda: [RewardFunctionConfig(name="verifier")])
+    reward_from: Optional[str] = None  # for a reward_model reward: a reward stage or HF dir; default: the chain's
+    # Before the first update, every reward is run on the data's reference answers and on the
+    # starting policy's samples of preflight_prompts prompts; a NaN, a reward constant within every
+    # group, or reference answers scored below the samples stops the stage with the numbers.
+    preflight: bool = True
+    preflight_prompts: int = 16
+    use_vllm: bool = False  # generate with vLLM (colocated, through TRL); needs a GPU and pip install vllm
+
+
+@dataclass
+class GRPOConfig(OnlineRLConfig):
+    """Group relative policy optimisation (Shao et al. 2024) through TRL's GRPOTrainer: each
+    reply's advantage is its reward minus its group's mean, divided by the group's std."""
+
+    # TRL's loss types: grpo (per-sequence mean), dapo (per-token over the batch), dr_grpo, bnpo, ...
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO: no division by the std)
+
+
+@dataclass
+class RLOOConfig(OnlineRLConfig):
+    """REINFORCE leave-one-out (Ahmadian et al. 2024) through TRL's RLOOTrainer: each reply's
+    baseline is the mean reward of the other replies of its prompt."""
+
+    normalize_advantages: bool = False  # divide advantages by their batch std
+
+
+@dataclass
 class EvalConfig:
     """Evaluation after every stage on the held-out prompts."""
 
@@ -399,6 +461,8 @@ class AlignmentConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rloo: RLOOConfig = field(default_factory=RLOOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
@@ -413,6 +477,8 @@ GROUPS = {
     "reward": RewardConfig,
     "dpo": DPOConfig,
     "ppo": PPOConfig,
+    "grpo": GRPOConfig,
+    "rloo": RLOOConfig,
     "eval": EvalConfig,
     "deepspeed": DeepSpeedConfig,
     "launcher": LauncherConfig,

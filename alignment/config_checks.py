@@ -12,10 +12,13 @@ import importlib.util
 import os
 from pathlib import Path
 
-from alignment.config import AlignmentConfig, PPOConfig, TrainConfig
+import torch
+
+from alignment.config import AlignmentConfig, OnlineRLConfig, PPOConfig, TrainConfig
 from alignment.data.sources import MIXTURE, stage_data, stage_source
 from alignment.errors import StageError
 from alignment.modeling.lora import qlora_problem
+from alignment.rewards.functions import check_reward_specs
 from alignment.scale import distributed
 from alignment.stages import MODULES
 from alignment.tracking.choose import check_config as check_tracking
@@ -53,11 +56,14 @@ def check_config(cfg: AlignmentConfig) -> None:
                 what = "is a directory, not a file" if Path(source).expanduser().is_dir() else "no such file"
                 raise StageError(f"{key}: {source}: {what}")
     first = getattr(cfg, cfg.stages[0])
-    if cfg.stages[0] in ("dpo", "ppo", "reward") and not (first.init_from or cfg.model.name_or_path):
+    if cfg.stages[0] in ("dpo", "ppo", "reward", "grpo", "rloo") and not (first.init_from or cfg.model.name_or_path):
         name = cfg.stages[0]
         raise StageError(f"recipe {cfg.recipe!r}: {name} is the first stage, so it needs a policy: set {name}.init_from=<stage dir or HF dir>")
     if "ppo" in cfg.stages and not cfg.ppo.reward_from and "reward" not in cfg.stages[: cfg.stages.index("ppo")]:
         raise StageError(f"recipe {cfg.recipe!r}: ppo needs a reward model: put a reward stage before it or set ppo.reward_from=<reward stage or HF dir>")
+    for stage in cfg.stages:
+        if isinstance(getattr(cfg, stage), OnlineRLConfig):
+            _check_online_rl(cfg, stage)
     if cfg.dpo.pair_labeler not in ("auto", "verifier", "reward"):
         raise StageError(f"dpo.pair_labeler={cfg.dpo.pair_labeler!r}: use auto, verifier or reward")
     if cfg.ppo.value_from not in ("reward", "policy"):
@@ -202,3 +208,33 @@ def _validate_ppo(ppo: PPOConfig, *, world: int, used: bool) -> None:
     if ppo.missing_eos_penalty < 0:
         raise StageError(f"ppo.missing_eos_penalty={ppo.missing_eos_penalty} must be >= 0: it is subtracted from the score of a "
                          f"response that never ends (TRL's convention); a negative value would reward truncation")
+
+
+def _check_online_rl(cfg: AlignmentConfig, stage: str) -> None:
+    """GRPO/RLOO: group sizes that divide the batch, lengths, sampling, and rewards that resolve."""
+    rl: OnlineRLConfig = getattr(cfg, stage)
+    if rl.num_generations < 2:
+        raise StageError(f"{stage}.num_generations={rl.num_generations} must be >= 2: the baseline is the other replies to the same prompt")
+    world = planned_world_size(cfg)
+    if (rl.per_device_batch_size * world) % rl.num_generations:
+        raise StageError(f"{stage}: per_device_batch_size {rl.per_device_batch_size} x {world} processes = "
+                         f"{rl.per_device_batch_size * world} replies per step is not a multiple of {stage}.num_generations="
+                         f"{rl.num_generations} (each prompt's group must be whole); e.g. {stage}.per_device_batch_size="
+                         f"{rl.num_generations * max(1, rl.per_device_batch_size // rl.num_generations)}")
+    if rl.max_new_tokens < 1 or rl.max_seq_tokens - rl.max_new_tokens < MIN_SEQ_TOKENS:
+        raise StageError(f"{stage}: max_seq_tokens={rl.max_seq_tokens} must leave at least {MIN_SEQ_TOKENS} prompt tokens after "
+                         f"max_new_tokens={rl.max_new_tokens} (and max_new_tokens >= 1)")
+    if rl.temperature <= 0:
+        raise StageError(f"{stage}.temperature={rl.temperature} must be > 0: online RL learns from differences between sampled replies")
+    if rl.beta < 0 or rl.epsilon <= 0 or (rl.epsilon_high is not None and rl.epsilon_high < rl.epsilon) or rl.num_iterations < 1:
+        raise StageError(f"{stage}: beta must be >= 0, epsilon > 0, epsilon_high >= epsilon and num_iterations >= 1 (got "
+                         f"{rl.beta}, {rl.epsilon}, {rl.epsilon_high}, {rl.num_iterations})")
+    if rl.preflight and rl.preflight_prompts < 1:
+        raise StageError(f"{stage}.preflight_prompts={rl.preflight_prompts} must be >= 1 (or set {stage}.preflight=false)")
+    has_verifier = stage_source(stage_data(cfg.data, rl), rl.data_path) is None
+    has_reward_model = bool(rl.reward_from) or "reward" in cfg.stages[: cfg.stages.index(stage)]
+    check_reward_specs(rl.rewards, stage=stage, has_verifier=has_verifier, has_reward_model=has_reward_model)
+    if rl.use_vllm and not torch.cuda.is_available():
+        raise StageError(f"{stage}.use_vllm=true needs a CUDA GPU (vLLM generates on the GPU); on CPU leave it false: HF generate is used")
+    if rl.use_vllm and importlib.util.find_spec("vllm") is None:
+        raise StageError(f"{stage}.use_vllm=true needs vLLM, which is not installed: pip install 'alignment[vllm]' (or leave it false)")

@@ -130,9 +130,10 @@ def test_ppo_prompt_files_are_checked_like_every_file(tmp_path):
     rows = [{"prompt": f"say {i}"} for i in range(8)] + [{"prompt": "   "}, {"prompt": "x" * 300}]
     path = _jsonl(tmp_path / "prompts.jsonl", rows)
     ppo = PPOConfig(data_path=path, rollout_batch_size=4, max_prompt_tokens=64)
-    messages, examples, data = prompt_data(DataConfig(), ppo, seed=0, tokenizer=build_tokenizer())
+    sizes = {"stage": "ppo", "n_prompts": ppo.n_prompts, "max_prompt_tokens": 64, "min_prompts": 4}
+    messages, examples, data = prompt_data(DataConfig(), ppo, **sizes, seed=0, tokenizer=build_tokenizer())
     checks = data.counts["checks"]
     assert checks["dropped"] == {"empty_prompt": 1} and checks["truncated"] == 1 and len(messages) == 9
     assert examples == [None] * 9, "a file has no verifier"
     with pytest.raises(DataError, match=r"prompts.jsonl, row 9: \d+ tokens, more than max_prompt_tokens=64"):
-        prompt_data(DataConfig(over_length="error"), ppo, seed=0, tokenizer=build_tokenizer())
+        prompt_data(DataConfig(over_length="error"), ppo, **sizes, seed=0, tokenizer=build_tokenizer())

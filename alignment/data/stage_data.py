@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 from datasets import Dataset
 
-from alignment.config import DataConfig, PPOConfig, StageConfig, SuiteConfig
+from alignment.config import DataConfig, StageConfig, SuiteConfig
 from alignment.data.checks import check_preference_rows, check_prompt_rows, check_sft_rows
 from alignment.data.sources import MIXTURE, converted_rows, file_fingerprint, fingerprint_rows, stage_data, stage_source
 from alignment.data.suite import Example, Suite, build_suite, chatter, suite_fingerprint
@@ -156,26 +156,28 @@ def _split(rows: list[dict], *, cfg: DataConfig, seed: int) -> tuple[list[dict],
     return [rows[i] for i in keep], [rows[i] for i in held]
 
 
-def prompt_data(cfg: DataConfig, stage_cfg: PPOConfig, *, seed: int, tokenizer) -> tuple[list[Messages], list[Optional[Example]], StageData]:
-    """Prompts to sample from (the suite's training prompts, or a prompt file checked like every
-    file), each one's suite example (None for a file: no verifier), and the held-out set."""
+def prompt_data(cfg: DataConfig, stage_cfg: StageConfig, *, stage: str, n_prompts: int, max_prompt_tokens: int, min_prompts: int,
+                seed: int, tokenizer) -> tuple[list[Messages], list[Optional[Example]], StageData]:
+    """Prompts to sample from for an RL stage (PPO, GRPO, RLOO): the suite's training prompts, or a
+    prompt file checked like every file; each one's suite example (None for a file: no
+    verifier), and the held-out set. Fewer than ``min_prompts`` prompts is an error."""
     data_cfg = stage_data(cfg, stage_cfg)
     path = stage_source(data_cfg, stage_cfg.data_path)
     if path is None:
         suite = load_suite(cfg.suite)
-        examples: list[Optional[Example]] = list(suite.train[: stage_cfg.n_prompts])
+        examples: list[Optional[Example]] = list(suite.train[:n_prompts])
         messages = [user_turn(e.prompt) for e in examples]
         held = suite_held_out(suite)
         counts: dict[str, Any] = {"source": "suite", "prompts": len(examples)}
     else:
         rows, formats = converted_rows(data_cfg, path=path, kind="prompt", seed=seed)
-        rows, report = check_prompt_rows(rows, tokenizer=tokenizer, max_prompt_tokens=stage_cfg.max_prompt_tokens,
+        rows, report = check_prompt_rows(rows, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens,
                                          over_length=cfg.over_length, source=path)
-        messages = [r["prompt"] for r in rows][: stage_cfg.n_prompts]
+        messages = [r["prompt"] for r in rows][:n_prompts]
         examples = [None] * len(messages)
         held = HeldOut(prompts=messages[: cfg.max_eval_rows])
         counts = {"source": path, "prompts": len(messages), "rows_read": formats.pop("rows"), **formats, "checks": report.to_dict()}
-    if len(messages) < stage_cfg.rollout_batch_size:
-        raise StageError(f"ppo: {len(messages)} prompts, fewer than ppo.rollout_batch_size={stage_cfg.rollout_batch_size}")
+    if len(messages) < min_prompts:
+        raise StageError(f"{stage}: {len(messages)} prompts, fewer than the {min_prompts} one step needs; add prompts or lower {stage}'s batch size")
     data = StageData(train=None, held_out=held, fingerprint=f"prompts:{fingerprint_rows(messages)}", counts=counts)  # type: ignore[arg-type]
     return messages, examples, data

@@ -1,7 +1,7 @@
 """The stages: each a module with one ``train_<stage>(cfg, ctx) -> StageResult``.
 
-``sft``, ``reward`` and ``dpo`` are TRL-backed and share one skeleton (trl_stage.py); ``ppo`` is
-our own loop (ppo/). A stage imports the shared layers (common.py, alignment/data, modeling,
+``sft``, ``reward``, ``dpo``, ``grpo`` and ``rloo`` are TRL-backed and share one skeleton
+(trl_stage.py; the online-RL pair also online_rl.py); ``ppo`` is our own loop (ppo/). A stage imports the shared layers (common.py, alignment/data, modeling,
 scale, tracking), never another stage. The pipeline imports a stage's module when it runs it.
 """
 
@@ -12,11 +12,11 @@ from typing import Callable
 
 # stage name -> the module that holds train_<stage>
 MODULES = {"sft": "alignment.stages.sft", "reward": "alignment.stages.reward", "dpo": "alignment.stages.dpo",
-           "ppo": "alignment.stages.ppo.stage"}
+           "ppo": "alignment.stages.ppo.stage", "grpo": "alignment.stages.grpo", "rloo": "alignment.stages.rloo"}
 # Stages whose checkpoint is a policy (a causal LM). Every stage starts from the latest of
 # these: the reward model from the SFT policy, and PPO or DPO after a reward stage from the
 # same SFT policy (the reward model is their second input, not their parent).
-POLICY_STAGES = ("sft", "dpo", "ppo")
+POLICY_STAGES = ("sft", "dpo", "ppo", "grpo", "rloo")
 
 
 def runner(stage: str) -> Callable:

@@ -158,6 +158,10 @@ def train_metrics(train_output: Any, trainer: Trainer) -> dict[str, Any]:
         # [step, loss] at every logging step (averaged over ranks): the stage's training curve.
         "train_loss_history": [[entry["step"], entry["loss"]] for entry in log_history if "loss" in entry],
     }
+    rewards = [[entry["step"], entry["reward"]] for entry in log_history if "reward" in entry]
+    if rewards:  # the online-RL trainers (GRPO, RLOO) log the mean reward of each step's samples
+        metrics["train_reward_history"] = rewards
+        metrics["train_reward_final"] = float(rewards[-1][1])
     tokens = trained_tokens(trainer)
     if tokens is not None:
         metrics["train_tokens"] = tokens

@@ -52,7 +52,8 @@ def train_ppo(cfg: PPOConfig, ctx: StageContext) -> StageResult:
     require_policy_start(ctx)
     reward_start = find_reward_model(cfg.reward_from, ctx, key="ppo.reward_from")
     tokenizer = stage_tokenizer(ctx)
-    messages, examples, data = prompt_data(ctx.cfg.data, cfg, seed=ctx.cfg.seed, tokenizer=tokenizer)  # checked before models load
+    messages, examples, data = prompt_data(ctx.cfg.data, cfg, stage="ppo", n_prompts=cfg.n_prompts, max_prompt_tokens=cfg.max_prompt_tokens,
+                                           min_prompts=cfg.rollout_batch_size, seed=ctx.cfg.seed, tokenizer=tokenizer)  # checked before models load
     prompts = [ids[-cfg.max_prompt_tokens:] for ids in render_prompts(tokenizer, messages)]  # over-long: keep the end
     policy = padding_free(load_policy(ctx, tokenizer), ctx)  # with model.peft: a PeftModel (fresh, or init_from's adapter)
     if lora.is_peft(policy):
