@@ -43,7 +43,13 @@ def test_online_stage_trains_the_policy_and_records_rewards(run_recipe, tmp_path
     preflight = online.data["preflight"]["brevity"]
     assert preflight["groups"] == 4 and preflight["samples_nan"] == 0 and preflight["groups_with_spread"] >= 1
     assert preflight["references_mean"] > preflight["samples_mean"], "the suite's short answers beat long samples"
-    assert online.metrics["kl_to_parent"] == online.metrics["kl_to_parent"]  # not NaN: the parent was loaded as reference
+    kl = online.metrics["kl_to_parent"]
+    assert kl == kl  # not NaN: the parent was loaded as the reference
+    # The run's report places the stage on the frontier: its parent at KL 0, the stage at its KL.
+    report = (tmp_path / "out" / f"sft_then_{stage}" / "report" / "report.md").read_text()
+    assert (tmp_path / "out" / f"sft_then_{stage}" / "report" / "frontier.png").is_file()
+    assert f"| sft_then_{stage} | sft |  | 0.000 | {sft.metrics['gold_accuracy_sampled']:.3f} |" in report
+    assert f"| sft_then_{stage} | {stage} | beta=0 | {kl:.3f} | {online.metrics['gold_accuracy_sampled']:.3f} |" in report
 
 
 @pytest.mark.parametrize("name, message", [

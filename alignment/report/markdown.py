@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from alignment.report import plots
+from alignment.report import frontier, plots
 from alignment.records import atomic_write_text
 from alignment.report.table import Run, ReportError, compare_columns, load_run, table_rows
 
@@ -32,6 +32,8 @@ PLOTS: tuple[tuple[str, str, Callable[[Sequence[Run], Path], bool], str], ...] =
     ("eval_metrics.png", "Evaluation metrics", plots.eval_metrics, "no stage has held-out evaluation metrics"),
     ("ppo_reward_vs_kl.png", "PPO: reward against KL", plots.ppo_reward_vs_kl, "no PPO stage with logged rollouts"),
     ("ppo_rollouts.png", "PPO: per-rollout curves", plots.ppo_rollouts, "no PPO stage with logged rollouts"),
+    ("frontier.png", "Frontier: quality against KL to the parent", frontier.frontier_figure,
+     "no DPO, PPO, GRPO or RLOO stage with a KL to its parent"),
 )
 
 
@@ -70,6 +72,8 @@ def render_markdown(runs: Sequence[Run], figures: Sequence[tuple[str, Optional[s
     for title, filename, missing in figures:
         lines += ["", f"## {title}", ""]
         lines.append(f"[![{title}]({filename})]({filename})" if filename else f"Not drawn: {missing}.")
+        if filename == "frontier.png":
+            lines += ["", *frontier.frontier_table(runs)]
     return "\n".join(lines) + "\n"
 
 

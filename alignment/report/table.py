@@ -36,6 +36,7 @@ ROWS = (
     ("kl_to_parent", "KL to parent (nats/response)"),
     ("pair_label_agreement", "pair labels agreeing with gold"),
     ("final/rollout/gold_accuracy", "PPO rollouts: gold accuracy, last"),
+    ("train_reward_final", "GRPO/RLOO: mean reward, last step"),
     ("train_loss_final", "final train loss"),
     ("wall_seconds", "wall seconds"),
 )
