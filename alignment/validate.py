@@ -1,6 +1,11 @@
 """Check a recipe's datasets without training: convert every row, run the checks, print a report.
 
     python -m alignment.validate +recipe=sft_then_dpo data=/data/sft.jsonl dpo.data_path=/data/pairs.json
+    python -m alignment.validate --preflight +recipe=grpo grpo.init_from=outputs/sft_then_grpo/sft
+
+``--preflight`` also runs the reward pre-flight of every GRPO/RLOO stage (alignment/rewards/
+preflight.py) on the policy it names (``<stage>.init_from``, else the chain's starting model):
+samples are drawn and every reward is scored, nothing is trained.
 
 Takes the same overrides as ``alignment.run``. For each stage that reads a file it prints rows
 read, kept, dropped by reason, truncated and token-length percentiles, using the tokenizer the
@@ -12,13 +17,17 @@ config is invalid, 0 otherwise.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from alignment.config import PPOConfig
+from alignment.config import OnlineRLConfig, PPOConfig
 from alignment.data.sources import stage_data, stage_source
 from alignment.data.stage_data import preference_file_data, prompt_data, sft_data
 from alignment.errors import ConfigError, DataError
 from alignment.modeling.loading import load_tokenizer
+from alignment.rewards.preflight import PreflightFailed
 from alignment.run import compose_config
+from alignment.stages import online_rl
+from alignment.stages.common import StageContext, StartPoint, resolve_start, stage_tokenizer
 
 
 def validate_stage(cfg, stage: str, tokenizer) -> str:
@@ -28,7 +37,11 @@ def validate_stage(cfg, stage: str, tokenizer) -> str:
     if path is None:
         return f"[{stage}] built-in task suite: generated and exact, nothing to check"
     if isinstance(stage_cfg, PPOConfig):
-        _, _, data = prompt_data(cfg.data, stage_cfg, seed=cfg.seed, tokenizer=tokenizer)
+        _, _, data = prompt_data(cfg.data, stage_cfg, stage=stage, n_prompts=stage_cfg.n_prompts, max_prompt_tokens=stage_cfg.max_prompt_tokens,
+                                 min_prompts=stage_cfg.rollout_batch_size, seed=cfg.seed, tokenizer=tokenizer)
+    elif isinstance(stage_cfg, OnlineRLConfig):
+        _, _, data = prompt_data(cfg.data, stage_cfg, stage=stage, n_prompts=stage_cfg.n_prompts,
+                                 max_prompt_tokens=online_rl.max_prompt_tokens(stage_cfg), min_prompts=1, seed=cfg.seed, tokenizer=tokenizer)
     elif stage == "sft":
         data = sft_data(data_cfg, data_path=path, seed=cfg.seed, tokenizer=tokenizer, max_seq_tokens=stage_cfg.max_seq_tokens)
     else:
@@ -41,8 +54,30 @@ def validate_stage(cfg, stage: str, tokenizer) -> str:
     return "\n".join(lines)
 
 
+def preflight_stage(cfg, stage: str) -> str:
+    """The reward pre-flight of an online-RL stage, on ``<stage>.init_from`` or the chain's starting model."""
+    rl = getattr(cfg, stage)
+    run_dir = Path(cfg.output_dir).resolve() / cfg.run_name
+    if rl.init_from:
+        start = resolve_start(rl.init_from, run_dir=run_dir)
+    elif cfg.model.name_or_path:
+        start = resolve_start(cfg.model.name_or_path, run_dir=run_dir, gguf_file=cfg.model.gguf_file)
+    else:
+        start = StartPoint(None, None)
+    ctx = StageContext(cfg, run_dir, run_dir / stage, stage, start, is_first=True)
+    prepared = online_rl.prepare(rl, ctx, stage_tokenizer(ctx))
+    lines = [f"[{stage}] reward pre-flight on {start.label}: passed"]
+    for name, s in prepared.data.counts["preflight"].items():
+        ref = f", references mean {s['references_mean']:.4g}" if "references_mean" in s else ""
+        lines.append(f"  {name}: samples mean {s['samples_mean']:.4g} std {s['samples_std']:.4g} min {s['samples_min']:.4g} "
+                     f"max {s['samples_max']:.4g}, {s['groups_with_spread']} of {s['groups']} groups with spread{ref}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    preflight = "--preflight" in argv
+    argv = [a for a in argv if a != "--preflight"]
     try:
         cfg = compose_config(argv)
         model = cfg.model
@@ -58,7 +93,15 @@ def main(argv: list[str] | None = None) -> int:
         except (DataError, ConfigError) as err:
             print(f"[{stage}] FAILS: {err}", flush=True)
             failed = True
-    print("data would stop the run" if failed else "data ok", flush=True)
+            continue
+        if preflight and isinstance(getattr(cfg, stage), OnlineRLConfig):
+            try:
+                print(preflight_stage(cfg, stage), flush=True)
+            except (PreflightFailed, ConfigError) as err:
+                print(f"[{stage}] FAILS: {err}", flush=True)
+                failed = True
+    print(("data or rewards would stop the run" if failed else "data and rewards ok") if preflight else
+          ("data would stop the run" if failed else "data ok"), flush=True)
     return 1 if failed else 0
 
 

@@ -143,3 +143,17 @@ def test_kill_9_mid_grpo_resumes_to_bit_equal_weights(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     history = read_result(out / "sft_then_grpo" / "grpo").metrics["train_reward_history"]
     assert history == read_result(tmp_path / "plain" / "sft_then_grpo" / "grpo").metrics["train_reward_history"]
+
+
+def test_validate_runs_the_preflight_without_training(run_recipe, tmp_path):
+    """``alignment.validate --preflight``: the same check, on a named policy, and nothing trained."""
+    _, results = run_recipe("sft", "sft.max_steps=2")
+    sft_dir = tmp_path / "out" / "sft" / "sft"
+    base = [sys.executable, "-m", "alignment.validate", "--preflight", "+recipe=grpo", f"grpo.init_from={sft_dir}", *TINY, *ONLINE,
+            f"output_dir={tmp_path / 'validate'}"]
+    ok = subprocess.run([*base, "grpo.rewards=[{name: reward_fns:brevity}]"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    assert "[grpo] reward pre-flight on" in ok.stdout and "brevity: samples mean -" in ok.stdout and "data and rewards ok" in ok.stdout
+    bad = subprocess.run([*base, "grpo.rewards=[{name: reward_fns:constant}]"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "constant is constant within every one of 4 groups" in bad.stdout
+    assert not (tmp_path / "validate").exists() or not list((tmp_path / "validate").rglob("checkpoint")), "nothing was trained"
