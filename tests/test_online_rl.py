@@ -64,6 +64,15 @@ def test_preflight_stops_a_reward_that_cannot_teach_before_the_first_update(run_
     assert read_result(stage_dir).status == "failed" and not (stage_dir / "trainer").exists(), "no update was made"
 
 
+def test_grpo_with_lora_trains_the_adapter_and_measures_kl_against_the_base(run_recipe):
+    """LoRA: the stage trains an adapter, the boundary is a merged checkpoint, and the KL is taken
+    against the adapter-disabled network (no second model)."""
+    _, results = run_recipe("sft_then_grpo", *ONLINE, "model.peft=lora", "grpo.rewards=[{name: reward_fns:brevity}]")
+    grpo = results[1]
+    assert grpo.status == "complete" and grpo.inputs["peft"]["adapter"].endswith("adapter")
+    assert grpo.metrics["kl_to_parent"] == grpo.metrics["kl_to_parent"]
+
+
 def test_preflight_can_be_switched_off(run_recipe):
     _, results = run_recipe("sft_then_grpo", *ONLINE, "grpo.rewards=[{name: reward_fns:constant}]", "grpo.preflight=false")
     assert results[1].status == "complete" and "preflight" not in results[1].data

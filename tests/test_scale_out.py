@@ -33,8 +33,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+def _env() -> dict[str, str]:  # tests/ on the path: GRPO's reward function is imported by name there
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(Path(__file__).parent)}
 
 
 def _run(out: Path, recipe: str, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -120,7 +120,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, one_pr
 @pytest.mark.integration
 @pytest.mark.parametrize("option", ["zero2", "zero3"])
 def test_every_stage_runs_sharded_on_two_ranks(tmp_path, option):
-    """SFT, reward and PPO (whose sampling gathers ZeRO-3 weights), then DPO from the same SFT."""
+    """SFT, reward and PPO (whose sampling gathers ZeRO-3 weights), then DPO and GRPO from the same SFT."""
     ppo = ["ppo.num_rollouts=2", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.n_prompts=64",
            "reward.max_steps=2", "reward.per_device_batch_size=4", "reward.pairs.n_prompts=32", "sft.per_device_batch_size=8"]
     launch = ["launcher.nproc_per_node=2", f"deepspeed={option}"]
@@ -128,7 +128,11 @@ def test_every_stage_runs_sharded_on_two_ranks(tmp_path, option):
     run_dir = tmp_path / "sft_rm_ppo"
     _run(tmp_path, "dpo", f"dpo.init_from={run_dir / 'sft'}", "dpo.per_device_batch_size=4", *launch,
          f"launcher.master_port={_free_port()}")
-    for stage_dir in (run_dir / "sft", run_dir / "reward", run_dir / "ppo", tmp_path / "dpo" / "dpo"):
+    # GRPO: TRL generates through the ZeRO engine (under ZeRO-3 it gathers the weights to sample).
+    _run(tmp_path, "grpo", f"grpo.init_from={run_dir / 'sft'}", "grpo.max_steps=2", "grpo.per_device_batch_size=4",
+         "grpo.num_generations=4", "grpo.max_new_tokens=8", "grpo.n_prompts=32", "grpo.preflight_prompts=2",
+         "grpo.rewards=[{name: reward_fns:brevity}]", *launch, f"launcher.master_port={_free_port()}")
+    for stage_dir in (run_dir / "sft", run_dir / "reward", run_dir / "ppo", tmp_path / "dpo" / "dpo", tmp_path / "grpo" / "grpo"):
         record = read_result(stage_dir)
         assert record.status == "complete" and record.launch["world_size"] == 2
         weights = load_file(str(Path(record.checkpoint) / "model.safetensors"))
