@@ -24,7 +24,7 @@ from alignment.data.sources import stage_data, stage_source
 from alignment.data.stage_data import preference_file_data, prompt_data, sft_data
 from alignment.errors import ConfigError, DataError
 from alignment.modeling.loading import load_tokenizer
-from alignment.rewards.preflight import PreflightFailed
+from alignment.rewards.preflight import PreflightFailed, describe
 from alignment.run import compose_config
 from alignment.stages import online_rl
 from alignment.stages.common import StageContext, StartPoint, resolve_start, stage_tokenizer
@@ -67,10 +67,7 @@ def preflight_stage(cfg, stage: str) -> str:
     ctx = StageContext(cfg, run_dir, run_dir / stage, stage, start, is_first=True)
     prepared = online_rl.prepare(rl, ctx, stage_tokenizer(ctx))
     lines = [f"[{stage}] reward pre-flight on {start.label}: passed"]
-    for name, s in prepared.data.counts["preflight"].items():
-        ref = f", references mean {s['references_mean']:.4g}" if "references_mean" in s else ""
-        lines.append(f"  {name}: samples mean {s['samples_mean']:.4g} std {s['samples_std']:.4g} min {s['samples_min']:.4g} "
-                     f"max {s['samples_max']:.4g}, {s['groups_with_spread']} of {s['groups']} groups with spread{ref}")
+    lines += [f"  {name}: samples {describe(s)}" for name, s in prepared.data.counts["preflight"].items()]
     return "\n".join(lines)
 
 

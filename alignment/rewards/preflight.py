@@ -85,15 +85,20 @@ def run_preflight(rewards: Sequence[Reward], *, policy, tokenizer, prompts: Sequ
         stats.append(RewardStats(reward.name, samples, [s if math.isfinite(s) else 0.0 for s in spread], refs))
     summaries = {s.name: s.summary() for s in stats}
     for name, s in summaries.items():
-        ref = f", references mean {s['references_mean']:.4g}" if "references_mean" in s else ""
-        log.info("[%s] pre-flight %s on %d samples of %d prompts: mean %.4g std %.4g min %.4g max %.4g, NaN %d, %d of %d groups "
-                 "with spread%s", stage, name, len(flat), len(prompts), s["samples_mean"], s["samples_std"], s["samples_min"],
-                 s["samples_max"], s["samples_nan"], s["groups_with_spread"], s["groups"], ref)
+        log.info("[%s] pre-flight %s on %d samples of %d prompts: %s", stage, name, len(flat), len(prompts), describe(s))
     problems = [p for s in stats for p in s.problems()]
     if problems:
         raise PreflightFailed(f"{stage}: reward pre-flight failed: " + "; ".join(problems)
                               + f". Fix the reward(s) in {stage}.rewards, or set {stage}.preflight=false to train anyway")
     return summaries
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """One reward's pre-flight distribution in one line (the log and ``alignment.validate --preflight``)."""
+    s = summary
+    ref = f", references mean {s['references_mean']:.4g}" if "references_mean" in s else ""
+    return (f"mean {s['samples_mean']:.4g} std {s['samples_std']:.4g} min {s['samples_min']:.4g} max {s['samples_max']:.4g}, "
+            f"NaN {s['samples_nan']}, {s['groups_with_spread']} of {s['groups']} groups with spread{ref}")
 
 
 def _call(reward: Reward, *, prompts: list, texts: list[str], ids: list[list[int]], columns: dict[str, list]) -> list[float]:
