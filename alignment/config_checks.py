@@ -1,6 +1,6 @@
 """Cross-field config rules, checked once before any model, data or process is loaded or started.
 
-The schema (alignment/config.py) already refuses unknown keys and wrong types while Hydra
+The schema (alignment/config/) already refuses unknown keys and wrong types while Hydra
 composes the config; what is left is what a single field cannot say: recipes whose stages cannot
 run in that order, values that cannot work, batch algebra over processes, ZeRO and LoRA options
 that need each other or a GPU. Every rule raises one error that names the key and the fix.
@@ -64,6 +64,8 @@ def check_config(cfg: AlignmentConfig) -> None:
     for stage in cfg.stages:
         if isinstance(getattr(cfg, stage), OnlineRLConfig):
             _check_online_rl(cfg, stage)
+        if isinstance(getattr(cfg, stage), (OnlineRLConfig, PPOConfig)):
+            _check_vllm(getattr(cfg, stage), stage)
     if cfg.dpo.pair_labeler not in ("auto", "verifier", "reward"):
         raise StageError(f"dpo.pair_labeler={cfg.dpo.pair_labeler!r}: use auto, verifier or reward")
     if cfg.ppo.value_from not in ("reward", "policy"):
@@ -180,7 +182,7 @@ def _check_model(cfg: AlignmentConfig) -> None:
             f"model.name_or_path={model.name_or_path} is set, but the model preset is the embedded toy's (model=tiny, the "
             f"default), whose training defaults suit a 0.44M-parameter model only (learning rate 1e-3, 128 tokens, batches of "
             f"32). Pick a preset for a real model: model=hf model.name_or_path={model.name_or_path} (defaults for a real "
-            f"model, alignment/config.py) or model=smollm2, or your own (README: 'A preset for your own model')")
+            f"model, alignment/config/) or model=smollm2, or your own (README: 'A preset for your own model')")
     if model.gguf_file:
         if not model.name_or_path:
             raise StageError("model.gguf_file is set but model.name_or_path is not: name the directory (or hub repository) that "
@@ -234,7 +236,14 @@ def _check_online_rl(cfg: AlignmentConfig, stage: str) -> None:
     has_verifier = stage_source(stage_data(cfg.data, rl), rl.data_path) is None
     has_reward_model = bool(rl.reward_from) or "reward" in cfg.stages[: cfg.stages.index(stage)]
     check_reward_specs(rl.rewards, stage=stage, has_verifier=has_verifier, has_reward_model=has_reward_model)
-    if rl.use_vllm and not torch.cuda.is_available():
+
+
+def _check_vllm(stage_cfg, stage: str) -> None:
+    """vLLM for an online stage's sampling: asked for where it can run."""
+    if not 0 < stage_cfg.vllm_gpu_memory_utilization <= 1:
+        raise StageError(f"{stage}.vllm_gpu_memory_utilization={stage_cfg.vllm_gpu_memory_utilization} must be in (0, 1]: "
+                         f"the share of each GPU the colocated vLLM engine takes")
+    if stage_cfg.use_vllm and not torch.cuda.is_available():
         raise StageError(f"{stage}.use_vllm=true needs a CUDA GPU (vLLM generates on the GPU); on CPU leave it false: HF generate is used")
-    if rl.use_vllm and importlib.util.find_spec("vllm") is None:
+    if stage_cfg.use_vllm and importlib.util.find_spec("vllm") is None:
         raise StageError(f"{stage}.use_vllm=true needs vLLM, which is not installed: pip install 'alignment[vllm]' (or leave it false)")

@@ -8,7 +8,7 @@
     python -m alignment.run +recipe=sft_then_dpo launcher=slurm launcher.nodes=2 launcher.gpus_per_node=8
 
 Recipes are the YAML files in ``recipes/``; config groups and their options live in ``conf/``
-and their typed schemas in ``alignment/config.py``. An unknown key, a wrong type or an unknown
+and their typed schemas in ``alignment/config/``. An unknown key, a wrong type or an unknown
 recipe fails while Hydra composes the config, before anything is loaded.
 """
 

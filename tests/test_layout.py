@@ -120,7 +120,7 @@ def test_shared_layers_never_import_stages_or_the_pipeline():
     graph = _graph()
     upper = ("alignment.stages", "alignment.pipeline", "alignment.run", "alignment.bench")
     lower = ("alignment.data", "alignment.modeling", "alignment.rewards", "alignment.scale", "alignment.tracking", "alignment.records",
-             "alignment.config", "alignment.config_run", "alignment.errors")
+             "alignment.config", "alignment.errors")
     def under(module: str, roots: tuple[str, ...]) -> bool:
         return any(module == r or module.startswith(r + ".") for r in roots)
 

@@ -23,6 +23,7 @@ from alignment.modeling import lora, packing
 from alignment.modeling.generation import Generation, as_rendered, render_prompts, render_reply, turn_tail
 from alignment.modeling.loading import load_causal_lm, load_tokenizer
 from alignment.modeling.scoring import pack, score_responses, sequence_scores
+from alignment.modeling.rollout_engine import HFRollouts
 from conftest import shared
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -161,7 +162,7 @@ def test_ppo_first_update_has_ratio_one_with_dropout_in_the_model(stories):
     torch.manual_seed(0)
     prompts = render_prompts(tok, [[{"role": "user", "content": f"Add: {i} {i + 1}"}] for i in range(8)])
     reward = _tiny_scorer(tok)
-    batch, _ = rollout(ppo, engine=engine, reference=lora.ReferenceView(engine.policy), reward_model=reward, tokenizer=tok,
+    batch, _ = rollout(ppo, engine=engine, sampler=HFRollouts(tok, temperature=ppo.temperature, max_new_tokens=ppo.max_new_tokens), reference=lora.ReferenceView(engine.policy), reward_model=reward, tokenizer=tok,
                        prompt_ids=prompts, examples=[None] * 8, moments=pm.RunningMoments(), kl_coef=0.05)
     stats = _optimise(ppo, batch, engine=engine, generator=torch.Generator().manual_seed(0), rollouts=8)
     assert abs(stats["ratio_mean"] - 1.0) < 1e-5 and stats["approx_kl"] < 1e-10 and stats["clipfrac"] == 0.0, stats
@@ -178,7 +179,7 @@ def test_ppo_changes_the_policy_weights(stories):
     before = {n: p.detach().clone() for n, p in engine.policy.named_parameters() if p.requires_grad}
     prompts = render_prompts(tok, [[{"role": "user", "content": f"Say {w}"}] for w in "abcdefgh"])
     torch.manual_seed(1)
-    batch, _ = rollout(ppo, engine=engine, reference=lora.ReferenceView(engine.policy), reward_model=_tiny_scorer(tok), tokenizer=tok,
+    batch, _ = rollout(ppo, engine=engine, sampler=HFRollouts(tok, temperature=ppo.temperature, max_new_tokens=ppo.max_new_tokens), reference=lora.ReferenceView(engine.policy), reward_model=_tiny_scorer(tok), tokenizer=tok,
                        prompt_ids=prompts, examples=[None] * 8, moments=pm.RunningMoments(), kl_coef=0.05)
     _optimise(ppo, batch, engine=engine, generator=torch.Generator().manual_seed(0), rollouts=8)
     after = dict(engine.policy.named_parameters())

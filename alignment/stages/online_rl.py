@@ -92,6 +92,7 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext, prepared: Prepared, *,
         disable_dropout=True,
         use_vllm=cfg.use_vllm,
         vllm_mode="colocate",
+        vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
         **specific,
     )
     return trainer_class(model=prepared.model, reward_funcs=[r.fn for r in rewards], args=args,

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from alignment.config import PPOConfig
 from alignment.errors import NonFiniteLoss
+from alignment.modeling.rollout_engine import RolloutEngine
 from alignment.modeling.scoring import Packed, select
 from alignment.scale import checkpoints, distributed, preemption
 from alignment.stages.ppo import maths as pm
@@ -32,7 +33,7 @@ from alignment.tracking.metric_names import rollout_metrics
 log = logging.getLogger(__name__)
 
 
-def ppo_loop(cfg: PPOConfig, ctx, *, engine: PPOEngine, reference, reward_model, tokenizer, prompts, examples) -> list[dict[str, Any]]:
+def ppo_loop(cfg: PPOConfig, ctx, *, engine: PPOEngine, sampler: RolloutEngine, reference, reward_model, tokenizer, prompts, examples) -> list[dict[str, Any]]:
     """``num_rollouts`` rollout-and-update iterations; each rank samples its share of every
     rollout batch. Resumes from the newest complete mid-stage checkpoint; stops (after one)
     when a stop is requested (alignment/scale/preemption.py)."""
@@ -58,7 +59,7 @@ def ppo_loop(cfg: PPOConfig, ctx, *, engine: PPOEngine, reference, reward_model,
     for step in tqdm(range(first, cfg.num_rollouts), desc="ppo rollouts", initial=first, total=cfg.num_rollouts,
                      disable=not distributed.is_main()):
         start = offsets[step % len(offsets)] + distributed.rank() * per_rank
-        batch, stats = rollout(cfg, engine=engine, reference=reference, reward_model=reward_model, tokenizer=tokenizer,
+        batch, stats = rollout(cfg, engine=engine, sampler=sampler, reference=reference, reward_model=reward_model, tokenizer=tokenizer,
                                   prompt_ids=prompts[start : start + per_rank], examples=examples[start : start + per_rank],
                                   moments=moments, kl_coef=controller.value)
         optimise_started = clock(device)

@@ -1,7 +1,8 @@
 """One PPO rollout: sample a response per prompt, score it token by token, turn scores into advantages.
 
-1. sample one response per prompt (temperature ``ppo.temperature``) through the generation path
-   every stage shares (alignment/modeling/generation.py);
+1. sample one response per prompt (temperature ``ppo.temperature``) through the rollout engine
+   (alignment/modeling/rollout_engine.py): HF generate, or with ``ppo.use_vllm`` vLLM through
+   the class TRL's GRPO and RLOO use;
 2. score, in micro-batches of ``ppo.micro_batch_size`` rows: log-probs under policy and
    reference, values, the reward model's sequence score (minus ``missing_eos_penalty`` for
    responses that never end), normalised by running moments and clipped;
@@ -20,23 +21,22 @@ import torch
 
 from alignment.config import PPOConfig
 from alignment.data.suite import Example, verify
-from alignment.modeling.generation import generate_ids, turn_tail
+from alignment.modeling.generation import turn_tail
+from alignment.modeling.rollout_engine import RolloutEngine
 from alignment.modeling.scoring import Packed, pack, policy_forward, select, sequence_scores, token_values
 from alignment.scale import distributed
 from alignment.stages.ppo import maths as pm
 from alignment.stages.ppo.engine import PPOEngine
 
 
-def rollout(cfg: PPOConfig, *, engine: PPOEngine, reference, reward_model, tokenizer, prompt_ids: list[list[int]],
+def rollout(cfg: PPOConfig, *, engine: PPOEngine, sampler: RolloutEngine, reference, reward_model, tokenizer, prompt_ids: list[list[int]],
             examples: Sequence[Optional[Example]], moments: pm.RunningMoments, kl_coef: float) -> tuple[dict[str, Any], dict[str, float]]:
     """This rank's rollout tensors (packed sequences, old log-probs, values, advantages, returns)
     and its statistics."""
     device = next(engine.policy.parameters()).device
     started = clock(device)
     with torch.no_grad():
-        with engine.sampling_policy() as sampler:
-            responses = generate_ids(sampler, tokenizer, prompt_ids, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                     device=device)
+        responses = sampler.sample(engine, prompt_ids)
         generated = clock(device)
         ended = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
         # Log-probs and values on exactly the sampled tokens; the reward model reads each reply as

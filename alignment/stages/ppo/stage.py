@@ -28,6 +28,7 @@ from alignment.evaluate import evaluate_held_out, kl_to_reference, policy_reward
 from alignment.modeling import lora
 from alignment.modeling.generation import render_prompts
 from alignment.modeling.loading import load_reward_model, load_value_model_from_policy
+from alignment.modeling.rollout_engine import rollout_engine
 from alignment.records import StageResult
 from alignment.scale.distributed import unsharded
 from alignment.stages.common import (
@@ -69,7 +70,10 @@ def train_ppo(cfg: PPOConfig, ctx: StageContext) -> StageResult:
     value_model = _value_model(cfg, ctx, reward_start.path)
 
     engine = PPOEngine(cfg, ctx, policy=policy, value_model=value_model)
-    history = ppo_loop(cfg, ctx, engine=engine, reference=reference, reward_model=reward_model, tokenizer=tokenizer,
+    sampler = rollout_engine(policy, tokenizer, use_vllm=cfg.use_vllm, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                             max_model_tokens=cfg.max_prompt_tokens + cfg.max_new_tokens,
+                             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)  # HF generate, or vLLM as GRPO uses it
+    history = ppo_loop(cfg, ctx, engine=engine, sampler=sampler, reference=reference, reward_model=reward_model, tokenizer=tokenizer,
                        prompts=prompts, examples=examples)
 
     with engine.whole_policy() as whole:

@@ -1,6 +1,6 @@
 """How a run is evaluated, launched and tracked: the ``eval``, ``deepspeed``, ``launcher`` and ``logger`` groups.
 
-Part of the typed schema of alignment/config.py (which registers and re-exports them); kept apart
+Part of the typed schema of alignment/config/ (whose __init__ registers and re-exports them); kept apart
 because nothing here depends on the stages' configs.
 """
 
