@@ -1,31 +1,59 @@
 #!/usr/bin/env bash
-# A real single-node Slurm on this machine, for tests and for trying launcher=slurm by hand.
+# A real Slurm on this machine, for tests and for trying launcher=slurm by hand: two nodes, each
+# in its own network namespace, or one node on the host.
 #
-#   sudo slurm/local_cluster.sh          # install (apt) if needed, configure, start; wait for an idle node
-#   sudo slurm/local_cluster.sh stop     # stop the daemons this script started
+#   sudo slurm/local_cluster.sh start          # two nodes n1, n2 (the default); wait until both are idle
+#   sudo slurm/local_cluster.sh start --single-node   # one node, this host, no namespaces
+#   sudo slurm/local_cluster.sh status         # exit 0 when the cluster answers with usable nodes
+#   sudo slurm/local_cluster.sh stop           # stop the daemons, remove the namespaces and links
 #
-# Installs slurm-wlm and munge with apt-get when they are missing, writes /etc/slurm/slurm.conf
-# with one node that has this machine's CPUs and memory (as `slurmd -C` measures them) and one
-# default partition, creates a munge key, then starts munged, slurmctld and slurmd. Does nothing
-# when `sinfo` already answers with a usable node. Needs root. Accounting is off (no slurmdbd):
-# sacct does not work, squeue and scontrol do.
+# Two nodes: slurmctld and munged run on the host; each node is a slurmd started with
+# nsenter and unshare inside a network namespace this script creates, with its
+# own hostname (nK) and address (10.213.0.1K) on a bridge (slurm-br0, 10.213.0.1 on the host side,
+# where the controller listens). Names resolve through /etc/netns/slurm-nK/hosts, mounted over
+# /etc/hosts for the node's processes (`ip netns exec slurm-n1 <command>` does the same). The nodes share the
+# filesystem, as cluster nodes share a network filesystem. Both nodes see all of this machine's
+# CPUs and memory (they are the same ones).
+#
+# Partitions: `local` (the default, PriorityTier=1, PreemptMode=REQUEUE) and `high` (PriorityTier=2,
+# never preempted), over the same nodes: a job in `high` that needs a node held by a `local` job
+# preempts it. A preempted, requeued (`scontrol requeue`) or cancelled job gets SIGTERM, then
+# KillWait seconds before SIGKILL: the time its ranks have to write a checkpoint. GraceTime
+# stays 0: with a grace time Slurm would only signal the job and requeue it when the grace time ends.
+#
+# Installs slurm-wlm and munge with apt-get when missing; writes /etc/slurm/slurm.conf; creates a
+# munge key. Does nothing when the cluster asked for already answers with usable nodes. Needs
+# root. Accounting is off (no slurmdbd): sacct does not work, squeue and scontrol do.
 set -euo pipefail
 
 SLURM_CONF=/etc/slurm/slurm.conf
 MUNGE_KEY=/etc/munge/munge.key
 MUNGE_PID=/run/munge/munged.pid
 CTLD_PID=/run/slurmctld.pid
-SLURMD_PID=/run/slurmd.pid
 LOG_DIR=/var/log/slurm
 HOST=$(hostname -s)
+NODES=(n1 n2)
+BRIDGE=slurm-br0
+SUBNET=10.213.0
+CTLD_ADDR=$SUBNET.1
+# Seconds between SIGTERM and SIGKILL when a job is preempted, requeued or cancelled.
+KILL_WAIT=30
+NO_NAMESPACES_EXIT=3  # the fixture of tests/test_slurm.py falls back to --single-node on this code
 
 say() { echo "local_cluster: $*" >&2; }
 
-node_usable() {
-    # idle, mixed or allocated (a job may already be running): the cluster answers and has a node.
-    local state
-    state=$(timeout 5 sinfo -h -N -o '%T' 2>/dev/null | head -n1) || return 1
-    case "$state" in idle* | mix* | alloc* | completing*) return 0 ;; *) return 1 ;; esac
+namespace_of() { echo "slurm-$1"; }
+address_of() { echo "$SUBNET.1${1#n}"; }  # n1 -> 10.213.0.11
+slurmd_pidfile() { echo "/run/slurmd-$1.pid"; }
+
+nodes_usable() {
+    # Every expected node idle, mixed or allocated (a job may already be running).
+    local want=("$@") states
+    states=$(timeout 5 sinfo -h -N -o '%N %T' 2>/dev/null | sort -u) || return 1
+    local node
+    for node in "${want[@]}"; do
+        grep -Eq "^$node (idle|mix|alloc|completing)" <<<"$states" || return 1
+    done
 }
 
 stop_pidfile() {
@@ -40,10 +68,27 @@ stop_pidfile() {
     rm -f "$file"
 }
 
+remove_namespaces() {
+    local node ns pid
+    for node in "${NODES[@]}"; do
+        ns=$(namespace_of "$node")
+        if ip netns list 2>/dev/null | grep -qw "$ns"; then
+            # What is left in it was started by this cluster (job steps, their processes).
+            for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+            ip netns del "$ns"
+        fi
+        rm -rf "/etc/netns/$ns"
+    done
+    if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link del "$BRIDGE"; fi
+}
+
 stop() {
-    stop_pidfile "$SLURMD_PID"
+    local node
+    for node in "${NODES[@]}"; do stop_pidfile "$(slurmd_pidfile "$node")"; done
+    stop_pidfile /run/slurmd.pid  # the --single-node daemon
     stop_pidfile "$CTLD_PID"
     stop_pidfile "$MUNGE_PID"
+    remove_namespaces
     say "stopped"
 }
 
@@ -57,25 +102,77 @@ install() {
     apt-get install -y -qq slurm-wlm munge >/dev/null
 }
 
-node_line() {
-    # `slurmd -C` prints this machine's node line (CPUs, sockets, cores, threads, RealMemory);
-    # a node declared bigger than the machine would be drained as "Low RealMemory/CPUs".
+hardware() {
+    # `slurmd -C` measures CPUs, sockets, cores, threads and RealMemory; a node declared bigger
+    # than the machine would be drained as "Low RealMemory/CPUs".
     local measured
     measured=$(slurmd -C 2>/dev/null | grep '^NodeName=' | head -n1 || true)
     if [[ -n $measured ]]; then
-        echo "${measured/NodeName=* CPUs=/NodeName=$HOST CPUs=} State=UNKNOWN"
+        echo "CPUs=${measured#* CPUs=}"
     else
-        local memory_mb=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 ))
-        echo "NodeName=$HOST CPUs=$(nproc) RealMemory=$memory_mb State=UNKNOWN"
+        echo "CPUs=$(nproc) RealMemory=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 ))"
     fi
 }
 
+make_namespaces() {
+    # A bridge on the host, one veth pair per node: the node's end, renamed eth0, goes into its
+    # namespace with the node's address.
+    remove_namespaces
+    ip link add "$BRIDGE" type bridge
+    ip addr add "$CTLD_ADDR/24" dev "$BRIDGE"
+    ip link set "$BRIDGE" up
+    local node ns hosts
+    hosts="127.0.0.1 localhost"$'\n'"$CTLD_ADDR $HOST"
+    for node in "${NODES[@]}"; do hosts+=$'\n'"$(address_of "$node") $node"; done
+    for node in "${NODES[@]}"; do
+        ns=$(namespace_of "$node")
+        ip netns add "$ns"
+        ip link add "$ns-h" type veth peer name "$ns-c"
+        ip link set "$ns-h" master "$BRIDGE"
+        ip link set "$ns-h" up
+        ip link set "$ns-c" netns "$ns"
+        ip netns exec "$ns" ip link set lo up
+        ip netns exec "$ns" ip link set "$ns-c" name eth0
+        ip netns exec "$ns" ip addr add "$(address_of "$node")/24" dev eth0
+        ip netns exec "$ns" ip link set eth0 up
+        mkdir -p "/etc/netns/$ns"
+        echo "$hosts" >"/etc/netns/$ns/hosts"
+    done
+}
+
+start_node() {
+    # In the node's network namespace, with its own hostname (a UTS namespace) and /etc/hosts (a
+    # mount namespace), so that torch's gloo and srun find the node's address through its name.
+    # Not `ip netns exec`: it mounts a fresh /sys, without the cgroup tree slurmd insists on.
+    local node=$1 ns
+    ns=$(namespace_of "$node")
+    mkdir -p "/var/spool/slurmd/$node"
+    nsenter --net="/run/netns/$ns" unshare --uts --mount -- \
+        sh -c "mount --bind /etc/netns/$ns/hosts /etc/hosts && hostname $node && exec slurmd -N $node"
+}
+
 write_conf() {
+    local single=$1 ctld_host node_lines nodes_csv
     mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd "$LOG_DIR"
+    if [[ $single == 1 ]]; then
+        ctld_host=$HOST
+        node_lines="NodeName=$HOST $(hardware) State=UNKNOWN"
+        nodes_csv=$HOST
+        local daemon="SlurmdPidFile=/run/slurmd.pid"$'\n'"SlurmdSpoolDir=/var/spool/slurmd"$'\n'"SlurmdLogFile=$LOG_DIR/slurmd.log"
+    else
+        ctld_host="$HOST($CTLD_ADDR)"
+        node_lines=""
+        for node in "${NODES[@]}"; do
+            node_lines+="NodeName=$node NodeHostname=$node NodeAddr=$(address_of "$node") $(hardware) State=UNKNOWN"$'\n'
+        done
+        nodes_csv=$(IFS=,; echo "${NODES[*]}")
+        # %n: the node's name, so that the two daemons on this machine keep apart.
+        local daemon="SlurmdPidFile=/run/slurmd-%n.pid"$'\n'"SlurmdSpoolDir=/var/spool/slurmd/%n"$'\n'"SlurmdLogFile=$LOG_DIR/slurmd-%n.log"
+    fi
     cat >"$SLURM_CONF" <<EOF
-# Written by slurm/local_cluster.sh: one node, one partition, no accounting.
+# Written by slurm/local_cluster.sh: $([[ $single == 1 ]] && echo "one node (this host)" || echo "two nodes in network namespaces"), two partitions, no accounting.
 ClusterName=local
-SlurmctldHost=$HOST
+SlurmctldHost=$ctld_host
 AuthType=auth/munge
 # A requeued job waits cred_expire + 1 s before it may start again (default 120): short here so
 # that a preempted-and-requeued test job resumes within seconds.
@@ -88,16 +185,19 @@ ReturnToService=2
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldPidFile=$CTLD_PID
-SlurmdPidFile=$SLURMD_PID
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
+$daemon
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none
-$(node_line)
-PartitionName=local Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+# Preempted (or requeued, or cancelled) jobs get SIGTERM, then KillWait seconds to checkpoint.
+KillWait=$KILL_WAIT
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+$node_lines
+PartitionName=local Nodes=$nodes_csv Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE
+PartitionName=high Nodes=$nodes_csv MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
 }
 
@@ -115,35 +215,71 @@ start_munge() {
     runuser -u munge -- /usr/sbin/munged
 }
 
+can_make_namespaces() {
+    command -v ip >/dev/null && command -v unshare >/dev/null && command -v nsenter >/dev/null || return 1
+    local probe=slurm-probe-$$
+    ip netns add "$probe" 2>/dev/null || return 1
+    nsenter --net="/run/netns/$probe" unshare --uts --mount -- \
+        sh -c 'mount --bind /etc/hostname /etc/hostname && hostname probe' 2>/dev/null
+    local ok=$?
+    ip netns del "$probe" 2>/dev/null || true
+    return $ok
+}
+
 start() {
-    if command -v sinfo >/dev/null && node_usable; then
-        say "already running: $(sinfo -h -N -o '%N %T %c CPUs %m MB')"
+    local single=0
+    [[ ${1:-} == --single-node ]] && single=1
+    local want=("${NODES[@]}")
+    [[ $single == 1 ]] && want=("$HOST")
+    if command -v sinfo >/dev/null && nodes_usable "${want[@]}"; then
+        say "already running: $(sinfo -h -N -o '%N %T %c CPUs %m MB' | sort -u | tr '\n' ';')"
         return 0
     fi
-    [[ $(id -u) -eq 0 ]] || { say "needs root (it installs packages and starts daemons)"; exit 1; }
+    [[ $(id -u) -eq 0 ]] || { say "needs root (it installs packages, starts daemons and creates network namespaces)"; exit 1; }
+    if [[ $single == 0 ]] && ! can_make_namespaces; then
+        say "cannot create a network namespace (ip netns add, unshare --uts): start --single-node runs one node on the host"
+        exit $NO_NAMESPACES_EXIT
+    fi
     install
-    write_conf
+    # Daemons (and namespaces) of an earlier start answer nothing useful: begin afresh.
+    stop 2>/dev/null
+    write_conf "$single"
     start_munge
-    # A controller or node daemon left from an earlier start answers nothing useful: restart both.
-    stop_pidfile "$SLURMD_PID"
-    stop_pidfile "$CTLD_PID"
-    # -c: forget jobs of an earlier local cluster, so old test jobs do not come back.
-    slurmctld -c
-    slurmd
+    if [[ $single == 1 ]]; then
+        slurmctld -c  # -c: forget jobs of an earlier local cluster, so old test jobs do not come back
+        slurmd
+    else
+        make_namespaces
+        slurmctld -c
+        local node
+        for node in "${NODES[@]}"; do
+            start_node "$node"
+        done
+    fi
     for _ in $(seq 60); do
-        if node_usable; then
-            say "up: $(sinfo -h -N -o '%N %T %c CPUs %m MB')"
+        if nodes_usable "${want[@]}"; then
+            say "up: $(sinfo -h -N -o '%N %T %c CPUs %m MB' | sort -u | tr '\n' ';')"
             return 0
         fi
         sleep 0.5
     done
-    say "the node did not become idle in 30 s; see $LOG_DIR/slurmctld.log and $LOG_DIR/slurmd.log"
+    say "the nodes did not become idle in 30 s; see $LOG_DIR/slurmctld.log and $LOG_DIR/slurmd*.log"
     sinfo -N -l >&2 || true
     exit 1
 }
 
+status() {
+    if nodes_usable "${NODES[@]}" || nodes_usable "$HOST"; then
+        sinfo -N -o '%N %P %T %c %m'
+        return 0
+    fi
+    say "not running"
+    return 1
+}
+
 case "${1:-start}" in
-    start) start ;;
+    start) start "${2:-}" ;;
     stop) stop ;;
-    *) echo "usage: $0 [start|stop]" >&2; exit 2 ;;
+    status) status ;;
+    *) echo "usage: $0 [start [--single-node]|status|stop]" >&2; exit 2 ;;
 esac
