@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from alignment.config import OnlineRLConfig, PPOConfig
+from alignment.config import OnlineRLConfig, PPOConfig, SelfInstructConfig
 from alignment.data.sources import stage_data, stage_source
 from alignment.data.stage_data import preference_file_data, prompt_data, sft_data
 from alignment.errors import ConfigError, DataError
@@ -42,6 +42,9 @@ def validate_stage(cfg, stage: str, tokenizer) -> str:
     elif isinstance(stage_cfg, OnlineRLConfig):
         _, _, data = prompt_data(cfg.data, stage_cfg, stage=stage, n_prompts=stage_cfg.n_prompts,
                                  max_prompt_tokens=online_rl.max_prompt_tokens(stage_cfg), min_prompts=1, seed=cfg.seed, tokenizer=tokenizer)
+    elif isinstance(stage_cfg, SelfInstructConfig):  # seed instructions, read as the stage reads them
+        _, _, data = prompt_data(cfg.data, stage_cfg, stage=stage, n_prompts=sys.maxsize, max_prompt_tokens=stage_cfg.max_seed_tokens,
+                                 min_prompts=stage_cfg.seeds_per_prompt, seed=cfg.seed, tokenizer=tokenizer)
     elif stage == "sft":
         data = sft_data(data_cfg, data_path=path, seed=cfg.seed, tokenizer=tokenizer, max_seq_tokens=stage_cfg.max_seq_tokens)
     else:

@@ -12,7 +12,8 @@ from alignment.run import RECIPE_PACKAGE, compose_config, rewrite_data_shorthand
 RECIPES = sorted(p.stem for p in shipped_dir(RECIPE_PACKAGE, "recipes").glob("*.yaml"))
 # Recipes whose first stage needs a starting checkpoint from config.
 NEEDS_INIT = {"dpo": ["dpo.init_from=/tmp/some_stage"], "reward": ["reward.init_from=/tmp/s"], "ppo": ["ppo.init_from=/tmp/s", "ppo.reward_from=/tmp/r"],
-              "grpo": ["grpo.init_from=/tmp/s"], "rloo": ["rloo.init_from=/tmp/s"]}
+              "grpo": ["grpo.init_from=/tmp/s"], "rloo": ["rloo.init_from=/tmp/s"], "self_instruct_then_sft": ["self_instruct.init_from=/tmp/s"],
+              "self_instruct": ["self_instruct.init_from=/tmp/s"]}
 
 
 def test_recipes_are_packaged():

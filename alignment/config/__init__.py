@@ -27,7 +27,7 @@ from alignment.config.online import (  # noqa: F401
     VLLM_GPU_SHARE, GRPOConfig, OnlineRLConfig, PPOConfig, RewardFunctionConfig, RLOOConfig,
 )
 from alignment.config.run import DeepSpeedConfig, EvalConfig, LauncherConfig, LoggerConfig, WandbConfig  # noqa: F401
-from alignment.config.stages import DPOConfig, PairsConfig, RewardConfig, SFTConfig  # noqa: F401
+from alignment.config.stages import DPOConfig, PairsConfig, RewardConfig, SelfInstructConfig, SFTConfig  # noqa: F401
 
 
 @dataclass
@@ -48,6 +48,7 @@ class AlignmentConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     rloo: RLOOConfig = field(default_factory=RLOOConfig)
+    self_instruct: SelfInstructConfig = field(default_factory=SelfInstructConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
@@ -64,6 +65,7 @@ GROUPS = {
     "ppo": PPOConfig,
     "grpo": GRPOConfig,
     "rloo": RLOOConfig,
+    "self_instruct": SelfInstructConfig,
     "eval": EvalConfig,
     "deepspeed": DeepSpeedConfig,
     "launcher": LauncherConfig,

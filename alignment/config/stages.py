@@ -1,11 +1,12 @@
-"""The offline training stages' schemas: SFT, the reward model and DPO (with the pairs they sample)."""
+"""The offline stages' schemas: SFT, the reward model and DPO (with the pairs they sample), and
+Self-Instruct, which writes SFT data."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
-from alignment.config.base import TrainConfig
+from alignment.config.base import StageConfig, TrainConfig
 
 
 @dataclass
@@ -65,3 +66,33 @@ class DPOConfig(TrainConfig):
     # earlier stage, as large pipelines do), or "auto" (the reward model when the chain has one).
     pair_labeler: str = "auto"
     reward_from: Optional[str] = None  # a reward stage or HF dir; default: the chain's reward stage
+
+
+@dataclass
+class SelfInstructConfig(StageConfig):
+    """Self-Instruct (Wang et al. 2022): the policy writes new instructions after a numbered list
+    of seed instructions, the candidates are filtered, and the kept ones are answered by the same
+    policy. It writes an SFT dataset (``<stage>/data.jsonl``) that a following ``sft`` stage trains
+    on beside the seed data, and trains nothing: the optimiser fields it inherits are unused.
+
+    The seed pool is the first ``n_seeds`` instructions of the seed data: the task suite's training
+    prompts, or ``data_path`` (any prompt format, read as PPO and GRPO read prompt files).
+    """
+
+    n_instructions: int = 200  # instructions to keep; the stage stops once it has them
+    max_rounds: int = 40  # rounds at most, whatever was kept by then
+    instructions_per_round: int = 32  # candidates written per round (also the generate batch, in sequences)
+    n_seeds: int = 175  # seed pool size (the paper's 175 tasks); 0: every instruction of the seed data
+    seeds_per_prompt: int = 6  # seed instructions in each writing prompt (the paper: 6)
+    generated_per_prompt: int = 2  # kept instructions beside them, once there are any (the paper: 2)
+    temperature: float = 0.7  # sampling temperature of the written instructions (0: greedy)
+    max_new_tokens: int = 64  # longest written instruction, in tokens; one cut there is rejected as unfinished
+    answer_temperature: float = 0.0  # of the answers; 0: greedy
+    answer_max_new_tokens: int = 256  # longest answer, in tokens; one cut there is rejected as unfinished
+    rouge_threshold: float = 0.7  # a candidate with ROUGE-L >= this to any pool instruction is rejected
+    min_words: int = 3  # fewer whitespace-separated words: rejected (the paper: 3)
+    max_words: int = 150  # more: rejected (the paper: 150)
+    # A kept instruction that states a task-suite instance (alignment/data/suite/parse.py) has its
+    # answer checked by the suite's verifier; a wrong answer drops it.
+    verify_answers: bool = True
+    max_seed_tokens: int = 256  # a longer seed instruction (chat-rendered) follows data.over_length
