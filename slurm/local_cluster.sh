@@ -22,7 +22,8 @@
 # stays 0: with a grace time Slurm would only signal the job and requeue it when the grace time ends.
 #
 # Installs slurm-wlm and munge with apt-get when missing; writes /etc/slurm/slurm.conf; creates a
-# munge key. Does nothing when the cluster asked for already answers with usable nodes. Needs
+# munge key. Does nothing when the cluster asked for already answers with usable nodes and this
+# script would write the same slurm.conf; otherwise stops what runs and starts afresh. Needs
 # root. Accounting is off (no slurmdbd): sacct does not work, squeue and scontrol do.
 set -euo pipefail
 
@@ -151,9 +152,9 @@ start_node() {
         sh -c "mount --bind /etc/netns/$ns/hosts /etc/hosts && hostname $node && exec slurmd -N $node"
 }
 
-write_conf() {
+conf_text() {
+    # slurm.conf for one node (--single-node) or the namespaced nodes.
     local single=$1 ctld_host node_lines nodes_csv
-    mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd "$LOG_DIR"
     if [[ $single == 1 ]]; then
         ctld_host=$HOST
         node_lines="NodeName=$HOST $(hardware) State=UNKNOWN"
@@ -169,7 +170,7 @@ write_conf() {
         # %n: the node's name, so that the two daemons on this machine keep apart.
         local daemon="SlurmdPidFile=/run/slurmd-%n.pid"$'\n'"SlurmdSpoolDir=/var/spool/slurmd/%n"$'\n'"SlurmdLogFile=$LOG_DIR/slurmd-%n.log"
     fi
-    cat >"$SLURM_CONF" <<EOF
+    cat <<EOF
 # Written by slurm/local_cluster.sh: $([[ $single == 1 ]] && echo "one node (this host)" || echo "two nodes in network namespaces"), two partitions, no accounting.
 ClusterName=local
 SlurmctldHost=$ctld_host
@@ -195,6 +196,9 @@ MpiDefault=none
 KillWait=$KILL_WAIT
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
+# A requeued job becomes eligible after cred_expire; the backfill pass (every 30 s by default)
+# is what starts it: every 2 s here.
+SchedulerParameters=bf_interval=2
 $node_lines
 PartitionName=local Nodes=$nodes_csv Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE
 PartitionName=high Nodes=$nodes_csv MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
@@ -231,7 +235,7 @@ start() {
     [[ ${1:-} == --single-node ]] && single=1
     local want=("${NODES[@]}")
     [[ $single == 1 ]] && want=("$HOST")
-    if command -v sinfo >/dev/null && nodes_usable "${want[@]}"; then
+    if command -v sinfo >/dev/null && nodes_usable "${want[@]}" && [[ $(conf_text "$single") == "$(cat "$SLURM_CONF" 2>/dev/null)" ]]; then
         say "already running: $(sinfo -h -N -o '%N %T %c CPUs %m MB' | sort -u | tr '\n' ';')"
         return 0
     fi
@@ -243,7 +247,8 @@ start() {
     install
     # Daemons (and namespaces) of an earlier start answer nothing useful: begin afresh.
     stop 2>/dev/null
-    write_conf "$single"
+    mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd "$LOG_DIR"
+    conf_text "$single" >"$SLURM_CONF"
     start_munge
     if [[ $single == 1 ]]; then
         slurmctld -c  # -c: forget jobs of an earlier local cluster, so old test jobs do not come back

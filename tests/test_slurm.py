@@ -1,8 +1,9 @@
-"""launcher=slurm: the rendered job script, and jobs on a real single-node Slurm.
+"""launcher=slurm: the rendered job script, and one-node jobs on a real Slurm.
 
-The cluster tests start Slurm through slurm/local_cluster.sh (apt-get install slurm-wlm munge
-when missing; needs root) and are skipped, with the reason, where that is impossible. Slurm is
-never faked: a test that passes here ran sbatch, srun, a USR1 and a requeue for real.
+The cluster tests start Slurm through slurm/local_cluster.sh (tests/slurm_cluster.py; apt-get
+install slurm-wlm munge when missing; needs root) and are skipped, with the reason, where that is
+impossible. Slurm is never faked: a test that passes here ran sbatch, srun, a USR1 and a requeue
+for real. Two-node runs, preemption and a failed node: tests/test_slurm_nodes.py.
 
     python -m pytest tests/test_slurm.py -q            # unit tests and, as root, the cluster tests
     python -m pytest -m slurm                          # only these
@@ -10,31 +11,16 @@ never faked: a test that passes here ran sbatch, srun, a USR1 and a requeue for 
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import shutil
 import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
 from conftest import TINY
-
-REPO = Path(__file__).resolve().parents[1]
-CLUSTER_SCRIPT = REPO / "slurm" / "local_cluster.sh"
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
-JOB_TIMEOUT_S = 240.0
+from slurm_cluster import read_result, slurm_cluster, slurm_config, submit_tiny, tail, wait_for_file, wait_for_job  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slurm
-
-
-def slurm_config(tmp_path: Path, recipe: str, *overrides: str):
-    from alignment.run import compose_config
-
-    argv = [f"+recipe={recipe}", f"output_dir={tmp_path / 'out'}", *TINY, "launcher=slurm", *overrides]
-    return compose_config(argv), argv
 
 
 def command_words(script: str) -> list[str]:
@@ -112,80 +98,11 @@ def test_missing_sbatch_and_bad_templates_are_config_errors(tmp_path, monkeypatc
 # --- a real Slurm --------------------------------------------------------------------------------
 
 
-def _sinfo_answers() -> bool:
-    if shutil.which("sinfo") is None:
-        return False
-    done = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=10)
-    return done.returncode == 0 and re.match(r"(idle|mix|alloc)", done.stdout.strip()) is not None
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """A running single-node Slurm: the one already up, or one slurm/local_cluster.sh starts."""
-    started = False
-    if not _sinfo_answers():
-        if os.geteuid() != 0:
-            pytest.skip("no Slurm answers and starting one needs root (slurm/local_cluster.sh installs slurm-wlm, starts daemons)")
-        if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
-            pytest.skip("no Slurm installed and no apt-get to install slurm-wlm")
-        done = subprocess.run(["bash", str(CLUSTER_SCRIPT)], capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            pytest.skip(f"slurm/local_cluster.sh could not start Slurm (exit {done.returncode}): {done.stderr.strip()[-800:]}")
-        started = True
-    yield
-    if started:
-        subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], capture_output=True, timeout=60)
-
-
-def job_fields(job_id: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
-
-
-def wait_for_job(job_id: str, log: Path) -> dict[str, str]:
-    """Poll until the job ends; return its scontrol fields.
-
-    A requeued job waits cred_expire + 1 s before it may start again (Reason=BeginTime);
-    slurm/local_cluster.sh sets cred_expire=10 (Slurm's default is 120). Starting it earlier by
-    hand (scontrol update starttime=now) races the revocation of its old credential: Slurm then
-    kills it ("Job credential revoked"), so the test does not.
-    """
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline:
-        fields = job_fields(job_id)
-        if fields["JobState"] in FINAL_STATES:
-            return fields
-        time.sleep(0.5)
-    subprocess.run(["scancel", job_id])
-    pytest.fail(f"job {job_id} did not end in {JOB_TIMEOUT_S:.0f} s; log {log}:\n{_tail(log)}")
-
-
-def _tail(log: Path, lines: int = 40) -> str:
-    text = log.read_text(errors="replace") if log.exists() else "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def submit_tiny(tmp_path: Path, recipe: str, *overrides: str) -> tuple[str, Path, Path]:
-    """Submit ``recipe`` with the tiny overrides; the job id, the run directory and the job's log."""
-    from alignment.scale import slurm
-
-    cfg, argv = slurm_config(tmp_path, recipe, *overrides)
-    job_id = slurm.submit(cfg, argv=argv)
-    run_dir = slurm.run_dir_of(cfg)
-    return job_id, run_dir, run_dir / "slurm" / f"{job_id}.out"
-
-
-def read_result(stage_dir: Path) -> dict:
-    import json
-
-    return json.loads((stage_dir / "result.json").read_text())
-
-
 @pytest.mark.integration
 def test_submitted_recipe_runs_every_stage(slurm_cluster, tmp_path):
     job_id, run_dir, log = submit_tiny(tmp_path, "sft_then_dpo")
     fields = wait_for_job(job_id, log)
-    assert fields["JobState"] == "COMPLETED", _tail(log)
+    assert fields["JobState"] == "COMPLETED", tail(log)
     for stage in ("sft", "dpo"):
         result = read_result(run_dir / stage)
         assert result["status"] == "complete"
@@ -205,22 +122,16 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(slurm_cluster
     from safetensors.torch import load_file
 
     job_id, run_dir, log = submit_tiny(tmp_path, "sft", *PREEMPT)
-    # Training has reached step 10 once its first checkpoint is marked complete (a file appears at
-    # once; the job's progress output reaches the log only when its buffer flushes).
-    first_checkpoint = run_dir / "sft" / "trainer" / "checkpoint-10" / "alignment_complete.json"
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not first_checkpoint.exists():
-        assert time.monotonic() < deadline, f"training never started:\n{_tail(log)}"
-        assert job_fields(job_id)["JobState"] not in FINAL_STATES, f"job ended before the signal:\n{_tail(log)}"
-        time.sleep(0.2)
+    # Training has reached step 10 once its first checkpoint is marked complete.
+    wait_for_file(run_dir / "sft" / "trainer" / "checkpoint-10" / "alignment_complete.json", job_id=job_id, log=log)
     # What Slurm does signal_seconds before the time limit (--signal=B:USR1@N): USR1 to the batch shell.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
     fields = wait_for_job(job_id, log)
     text = log.read_text(errors="replace")
-    assert fields["JobState"] == "COMPLETED", _tail(log)
+    assert fields["JobState"] == "COMPLETED", tail(log)
     assert int(fields["Restarts"]) == 1
     stopped = re.search(r"sft: stopped at step (\d+) on SIGUSR1", text)
-    assert stopped and 0 < int(stopped.group(1)) < PREEMPT_STEPS, _tail(log)
+    assert stopped and 0 < int(stopped.group(1)) < PREEMPT_STEPS, tail(log)
     assert f"requeueing job {job_id}" in text
     assert f"resuming from {run_dir / 'sft' / 'trainer' / ('checkpoint-' + stopped.group(1))}" in text
     result = read_result(run_dir / "sft")

@@ -12,7 +12,10 @@ MASTER_ADDR and MASTER_PORT set (torch's env:// rendezvous), then:
 - forwards SIGUSR1/SIGTERM/SIGINT to every rank (Slurm's warning signal reaches the trainers,
   which stop at the same step and checkpoint: alignment/scale/preemption.py);
 - when one rank fails, stops the others (instead of leaving them blocked in a collective until
-  a timeout) and exits with the failed rank's code, naming it.
+  a timeout) and exits with the failed rank's code, naming it and this node.
+
+Under Slurm (alignment/scale/slurm.py) srun starts one launcher per node; when a node's launcher
+exits non-zero, srun ends the other nodes' steps, and the job script names the node that failed.
 
 Written here rather than using torchrun because torchrun's agent dies on SIGUSR1 instead of
 passing it on, and its restarts would fight Slurm's requeue.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -80,20 +84,23 @@ def launch(cfg: LauncherConfig, argv: list[str], *, threads_per_rank: int) -> in
     log.info("launched ranks %d-%d of %d (node %d of %d, rendezvous %s:%d)", first, first + cfg.nproc_per_node - 1,
              cfg.nproc_per_node * cfg.nnodes, node_rank(cfg), cfg.nnodes, cfg.master_addr, cfg.master_port)
 
+    received: list[str] = []
+
     def forward(signum, _frame):
+        received.append(signal.Signals(signum).name)
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in _FORWARDED}
-    try:
-        return _wait(procs, first_rank=first)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    # Kept until this process exits: under Slurm, srun answers the first node's exit with TERM to
+    # the other nodes, which can reach this launcher after its ranks have stopped with 75; the
+    # default handler would turn that 75 into "terminated" in srun's eyes.
+    for sig in _FORWARDED:
+        signal.signal(sig, forward)
+    return _wait(procs, first_rank=first, node=f"node {node_rank(cfg)}, host {socket.gethostname()}", received=received)
 
 
-def _wait(procs: list[subprocess.Popen], *, first_rank: int) -> int:
+def _wait(procs: list[subprocess.Popen], *, first_rank: int, node: str, received: list[str]) -> int:
     failed: Optional[tuple[int, int]] = None
     while True:
         codes = [proc.poll() for proc in procs]
@@ -111,8 +118,23 @@ def _wait(procs: list[subprocess.Popen], *, first_rank: int) -> int:
     if code == PREEMPTED_EXIT:
         print(f"alignment: the ranks stopped after a checkpoint (exit {code}); rerun the same command to resume", file=sys.stderr, flush=True)
     else:
-        print(f"alignment: rank {first_rank + index} exited with code {code}; stopped the other ranks", file=sys.stderr, flush=True)
+        # After a stop signal a rank's failure is often a consequence (under Slurm: another node
+        # failed and srun is ending this one), not the cause: say so.
+        notes = [node]
+        if code < 0:
+            notes.append(_signal_name(-code))
+        if received:
+            notes.append(f"after this launcher received {received[0]}")
+        print(f"alignment: rank {first_rank + index} exited with code {code}; stopped the other ranks ({'; '.join(notes)})",
+              file=sys.stderr, flush=True)
     return code
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return f"killed by {signal.Signals(number).name}"
+    except ValueError:
+        return f"killed by signal {number}"
 
 
 def _stop_others(procs: list[subprocess.Popen], *, failed_index: int) -> None:
