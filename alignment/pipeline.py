@@ -33,6 +33,7 @@ from alignment.records import (
     UnreadableRecord,
     atomic_write_json,
     changed_files,
+    changed_outputs,
     git_commit,
     hash_directory,
     inputs_hash,
@@ -127,7 +128,10 @@ def _inputs_parts(cfg: AlignmentConfig, stage: str, start: StartPoint, *, upstre
         "eval": dataclasses.asdict(cfg.eval),
         "seed": cfg.seed,
     }
-    return {"config": config, "parent_hash": start.hash, "parent_ref": start.path, "data_fingerprint": source_fingerprint(cfg.data, stage_cfg)}
+    # Rows an earlier stage wrote for later ones (self_instruct's SFT data) are data too.
+    written = [f"{r.stage}:{o['sha256']}" for r in upstream for o in (r.outputs or {}).values()]
+    fingerprint = source_fingerprint(cfg.data, stage_cfg) + ("+generated:" + ",".join(written) if written else "")
+    return {"config": config, "parent_hash": start.hash, "parent_ref": start.path, "data_fingerprint": fingerprint}
 
 
 def _part_digests(parts: dict) -> dict[str, str]:
@@ -150,6 +154,12 @@ def _existing_record(stage_dir: Path, key: str, parts: dict) -> tuple[Optional[S
         before, now = record.inputs_parts, _part_digests(parts)
         changed = [name for name in ("config", "parent", "data") if before.get(name) != now[name]] if before else []
         return None, ("inputs changed: " + ", ".join(changed)) if changed else "inputs changed (not recorded which: an older record)"
+    changed = changed_outputs(record.outputs or {})
+    if changed:
+        return None, f"a file it wrote changed since it was recorded: {', '.join(changed)}"
+    if record.checkpoint == record.parent_checkpoint and record.checkpoint_hash == record.parent_checkpoint_hash:
+        # A stage that trains nothing (self_instruct) hands on its parent, whose hash is one of the inputs.
+        return record, "complete"
     checkpoint = Path(record.checkpoint) if record.checkpoint else None
     if checkpoint is None or not (checkpoint / "config.json").is_file():
         return None, f"its checkpoint {checkpoint} is gone"

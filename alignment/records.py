@@ -66,6 +66,9 @@ class StageResult:
     error: Optional[str] = None
     # Processes, ZeRO stage, LoRA and the Slurm job (id, restart count) the stage ran under.
     launch: dict[str, Any] = field(default_factory=dict)
+    # Files the stage wrote for later stages besides a checkpoint (self_instruct's SFT rows): name ->
+    # {"path", "rows", "bytes", "sha256"}. A skip verifies them; later stages' data fingerprints hold them.
+    outputs: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +157,16 @@ def changed_files(directory: Path, recorded: dict[str, dict[str, Any]]) -> list[
     return [name for name, expected in recorded.items() if actual[name]["sha256"] != expected["sha256"]]
 
 
+def changed_outputs(outputs: dict[str, dict[str, Any]]) -> list[str]:
+    """The recorded output files (``StageResult.outputs``) that are missing or whose size or sha256 differs."""
+    changed = []
+    for record in outputs.values():
+        path = Path(record["path"])
+        if not path.is_file() or path.stat().st_size != record["bytes"] or hashlib.sha256(path.read_bytes()).hexdigest() != record["sha256"]:
+            changed.append(str(path))
+    return changed
+
+
 def remove_orphans(stage_dir: Path) -> list[Path]:
     """Temporary files and directories an interrupted write left in ``stage_dir`` (``.checkpoint.tmp-PID``,
     ``.adapter.old-PID``, ``.result.json.tmp-PID``, ...): removed; only the one process that runs a stage
@@ -178,6 +191,31 @@ def hash_directory(directory: Path, *, only: Optional[list[str]] = None) -> str:
                 digest.update(chunk)
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+def cached_directory_hash(directory: Path, *, only: Optional[list[str]] = None) -> str:
+    """:func:`hash_directory` of a model the run only reads (a base model, an ``init_from``
+    directory), computed once and cached under ``$XDG_CACHE_HOME/alignment/hashes/`` (default
+    ~/.cache), keyed by the directory's path and every file's relative path, size and
+    modification time: a 140 GB checkpoint is read once, not on every run and rank, and a file
+    that is rewritten changes its key. Nothing is written into the model's directory."""
+    files = sorted([directory / name for name in only] if only is not None else [p for p in directory.rglob("*") if p.is_file()])
+    stats = [(p.relative_to(directory).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    key = hashlib.sha256(json.dumps([str(directory.resolve()), stats]).encode()).hexdigest()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "alignment" / "hashes" / f"{key}.json"
+    try:
+        return json.loads(cache.read_text())["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = hash_directory(directory, only=only)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"directory": str(directory.resolve()), "sha256": digest}))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # an unwritable cache only costs the next run the same read
+    return digest
 
 
 def new_checkpoint_dir(stage_dir: Path, *, name: str = CHECKPOINT_DIR) -> Path:

@@ -69,3 +69,26 @@ def test_inputs_hash_depends_on_each_input():
     for key, value in [("config", {"lr": 2}), ("parent_hash", "q"), ("parent_ref", "/y"), ("data_fingerprint", "e")]:
         assert inputs_hash(**{**base, key: value}) != h, key
     assert json.dumps(h)
+
+
+def test_a_base_models_hash_is_read_once_and_follows_its_files(tmp_path, monkeypatch):
+    """The cached hash equals the full hash; a second call reads no file content (its key is
+    sizes and mtimes); a rewritten file gives a new, correct hash."""
+    import os
+
+    from alignment import records
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"x" * 1000)
+    first = records.cached_directory_hash(model)
+    assert first == records.hash_directory(model)
+    reads = []
+    monkeypatch.setattr(records, "hash_directory", lambda *a, **k: reads.append(a) or "recomputed")
+    assert records.cached_directory_hash(model) == first and reads == []
+    (model / "model.safetensors").write_bytes(b"y" * 1000)
+    os.utime(model / "model.safetensors", ns=(1, 1))  # a new mtime even on a coarse clock
+    assert records.cached_directory_hash(model) == "recomputed" and len(reads) == 1
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]  # nothing written beside the weights

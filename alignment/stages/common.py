@@ -21,7 +21,16 @@ from alignment.data.stage_data import StageData
 from alignment.errors import StageError
 from alignment.modeling import lora, packing
 from alignment.modeling.loading import build_embedded_policy, load_causal_lm, load_tokenizer
-from alignment.records import CHECKPOINT_DIR, StageResult, commit_checkpoint, file_digests, hash_directory, new_checkpoint_dir, read_result
+from alignment.records import (
+    CHECKPOINT_DIR,
+    StageResult,
+    cached_directory_hash,
+    commit_checkpoint,
+    file_digests,
+    hash_directory,
+    new_checkpoint_dir,
+    read_result,
+)
 from alignment.scale import distributed
 from alignment.tracking.base import NullTracker, Tracker
 
@@ -111,7 +120,7 @@ def resolve_start(ref: str, *, run_dir: Path, gguf_file: Optional[str] = None) -
         if (path / CHECKPOINT_DIR / "config.json").is_file():
             raise StageError(f"init_from={ref}: {path} has a checkpoint but no result.json (an interrupted stage); rerun it")
         if (path / "config.json").is_file():
-            return StartPoint(str(path.resolve()), hash_directory(path))
+            return StartPoint(str(path.resolve()), cached_directory_hash(path))
     if ref.startswith((".", "/", "~")) or Path(ref).suffix:
         raise StageError(f"init_from={ref}: no stage directory (with result.json) or HF model directory (with config.json) there")
     return StartPoint(ref, None)  # a hub id: from_pretrained resolves it (needs the network)
@@ -120,7 +129,8 @@ def resolve_start(ref: str, *, run_dir: Path, gguf_file: Optional[str] = None) -
 def _gguf_start(ref: str, gguf_file: str) -> StartPoint:
     local = Path(ref).expanduser() / gguf_file
     if local.is_file():
-        return StartPoint(str(Path(ref).expanduser().resolve()), hash_directory(local.parent, only=[local.name]), gguf_file=gguf_file)
+        return StartPoint(str(Path(ref).expanduser().resolve()), cached_directory_hash(local.parent, only=[local.name]),
+                          gguf_file=gguf_file)
     if ref.startswith((".", "/", "~")) or Path(ref).is_dir():
         raise StageError(f"model.gguf_file={gguf_file}: no such file in model.name_or_path={ref}; name the GGUF file inside "
                          f"that directory (transformers' gguf_file), e.g. model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -229,10 +239,11 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 
 def stage_result(ctx: StageContext, cfg: StageConfig, *, saved: SavedCheckpoint, data: StageData, metrics: dict[str, Any],
-                 start_metrics: Optional[dict[str, Any]] = None, inputs: Optional[dict[str, Any]] = None) -> StageResult:
+                 start_metrics: Optional[dict[str, Any]] = None, inputs: Optional[dict[str, Any]] = None,
+                 outputs: Optional[dict[str, Any]] = None) -> StageResult:
     """The stage's record; the pipeline adds timing, versions and the inputs hash. ``inputs``
     names the other checkpoints the stage used (a reward model); the start adapter and the
-    trained adapter join them."""
+    trained adapter join them. ``outputs``: files written for later stages (records.StageResult)."""
     inputs = dict(inputs or {})
     if ctx.start.adapter:
         inputs["start_adapter"] = {"adapter": ctx.start.adapter, "hash": ctx.start.hash}
@@ -254,4 +265,5 @@ def stage_result(ctx: StageContext, cfg: StageConfig, *, saved: SavedCheckpoint,
         metrics=metrics,
         start_metrics=start_metrics or {},
         data=data.counts,
+        outputs=outputs or {},
     )
