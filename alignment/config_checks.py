@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 
-from alignment.config import AlignmentConfig, OnlineRLConfig, PPOConfig, TrainConfig
-from alignment.data.sources import MIXTURE, stage_data, stage_source
+from alignment.config import AlignmentConfig, OnlineRLConfig, PPOConfig, SelfInstructConfig, TrainConfig
+from alignment.data.plain_text import SUITE_SOURCE
+from alignment.data.sources import MIXTURE, stage_data, stage_source, text_source_documents
 from alignment.errors import StageError
 from alignment.modeling.lora import qlora_problem
 from alignment.rewards.functions import check_reward_specs
 from alignment.scale import distributed
-from alignment.stages import MODULES
+from alignment.stages import MODULES, POLICY_STAGES
 from alignment.tracking.choose import check_config as check_tracking
 
 # The shortest sequence a stage can train on: a chat-rendered prompt and one response token
@@ -50,7 +51,11 @@ def check_config(cfg: AlignmentConfig) -> None:
                 raise StageError(f"{stage}: set {stage}.num_epochs > 0 or {stage}.max_steps > 0")
         data_cfg = stage_data(cfg.data, train)
         path = stage_source(data_cfg, train.data_path)
-        for source in [s.path for s in data_cfg.sources] if path == MIXTURE else [path] if path else []:
+        members = [s.path for s in data_cfg.sources] if path == MIXTURE else [path] if path else []
+        if SUITE_SOURCE in members and stage != "sft":
+            raise StageError(f"{stage}: the mixture member {SUITE_SOURCE!r} (the task suite's demonstrations) is for SFT only: "
+                             f"put the mixture in sft.data_sources, not data.sources")
+        for source in members:
             if Path(source).suffix and not Path(source).expanduser().is_file():
                 key = f"{stage}.data_path" if train.data_path else f"{stage}.data_sources/data.sources" if path == MIXTURE else "data.path"
                 what = "is a directory, not a file" if Path(source).expanduser().is_dir() else "no such file"
@@ -66,10 +71,17 @@ def check_config(cfg: AlignmentConfig) -> None:
             _check_online_rl(cfg, stage)
         if isinstance(getattr(cfg, stage), (OnlineRLConfig, PPOConfig)):
             _check_vllm(getattr(cfg, stage), stage)
+            _check_ptx(getattr(cfg, stage), stage)
+    if "self_instruct" in cfg.stages:
+        _check_self_instruct(cfg)
     if cfg.dpo.pair_labeler not in ("auto", "verifier", "reward"):
         raise StageError(f"dpo.pair_labeler={cfg.dpo.pair_labeler!r}: use auto, verifier or reward")
+    if cfg.ppo.lr_scheduler not in ("constant", "linear", "cosine") or not 0 <= cfg.ppo.warmup_ratio < 1:
+        raise StageError(f"ppo.lr_scheduler={cfg.ppo.lr_scheduler!r} / ppo.warmup_ratio={cfg.ppo.warmup_ratio}: use constant, linear "
+                         f"or cosine, and a warmup ratio in [0, 1)")
     if cfg.ppo.value_from not in ("reward", "policy"):
         raise StageError(f"ppo.value_from={cfg.ppo.value_from!r}: use reward or policy")
+    _check_lm_text(cfg)
     _validate_scale_out(cfg)
     check_tracking(cfg)
     if cfg.data.over_length not in ("drop", "truncate", "error"):
@@ -125,6 +137,8 @@ def batch_plan(cfg: AlignmentConfig) -> list[str]:
         if isinstance(train, PPOConfig):
             lines.append(f"ppo: {train.rollout_batch_size} prompts per rollout = {train.rollout_batch_size // world} per process x {world} "
                          f"processes; {train.mini_batch_size} rollouts per optimiser step = {train.mini_batch_size // world} per process x {world}")
+        elif isinstance(train, SelfInstructConfig):
+            lines.append(f"{stage}: {train.instructions_per_round} instructions written per round, in one process")
         else:
             global_batch = train.per_device_batch_size * train.gradient_accumulation_steps * world
             lines.append(f"{stage}: {train.per_device_batch_size} per device x {train.gradient_accumulation_steps} accumulation x "
@@ -238,6 +252,27 @@ def _check_online_rl(cfg: AlignmentConfig, stage: str) -> None:
     check_reward_specs(rl.rewards, stage=stage, has_verifier=has_verifier, has_reward_model=has_reward_model)
 
 
+def _check_lm_text(cfg: AlignmentConfig) -> None:
+    """eval.lm_text sources are read now, so a missing file or a row without text stops the run here."""
+    if cfg.eval.lm_text_window_tokens < 2 or cfg.eval.lm_text_max_tokens < 2:
+        raise StageError(f"eval.lm_text_window_tokens={cfg.eval.lm_text_window_tokens} and eval.lm_text_max_tokens="
+                         f"{cfg.eval.lm_text_max_tokens} must be >= 2: a window's first token is context, the rest are scored")
+    for path in cfg.eval.lm_text:
+        text_source_documents(path)
+
+
+def _check_ptx(stage_cfg, stage: str) -> None:
+    """The pre-training term: a coefficient with text to train on, read now."""
+    if stage_cfg.ptx_coef < 0 or stage_cfg.ptx_batch_size < 1 or stage_cfg.ptx_window_tokens < 2:
+        raise StageError(f"{stage}: ptx_coef must be >= 0, ptx_batch_size >= 1 and ptx_window_tokens >= 2 (got "
+                         f"{stage_cfg.ptx_coef}, {stage_cfg.ptx_batch_size}, {stage_cfg.ptx_window_tokens})")
+    if stage_cfg.ptx_coef > 0 and not stage_cfg.ptx_text:
+        raise StageError(f"{stage}.ptx_coef={stage_cfg.ptx_coef} needs plain text to train on: set {stage}.ptx_text=[file.txt, ...]")
+    if stage_cfg.ptx_coef > 0:
+        for path in stage_cfg.ptx_text:
+            text_source_documents(path)
+
+
 def _check_vllm(stage_cfg, stage: str) -> None:
     """vLLM for an online stage's sampling: asked for where it can run."""
     if not 0 < stage_cfg.vllm_gpu_memory_utilization <= 1:
@@ -247,3 +282,34 @@ def _check_vllm(stage_cfg, stage: str) -> None:
         raise StageError(f"{stage}.use_vllm=true needs a CUDA GPU (vLLM generates on the GPU); on CPU leave it false: HF generate is used")
     if stage_cfg.use_vllm and importlib.util.find_spec("vllm") is None:
         raise StageError(f"{stage}.use_vllm=true needs vLLM, which is not installed: pip install 'alignment[vllm]' (or leave it false)")
+
+
+def _check_self_instruct(cfg: AlignmentConfig) -> None:
+    """Self-Instruct: a policy that can write, counts and bounds that can work, one process."""
+    si: SelfInstructConfig = cfg.self_instruct
+    index = cfg.stages.index("self_instruct")
+    if not (si.init_from or cfg.model.name_or_path or set(cfg.stages[:index]) & set(POLICY_STAGES)):
+        raise StageError(f"recipe {cfg.recipe!r}: self_instruct needs a policy that can write instructions, and the embedded model "
+                         f"is untrained: set self_instruct.init_from=<an SFT stage dir or HF dir> (python -m alignment.run +recipe=sft "
+                         f"writes one to outputs/sft/sft), or start from a real model (model=smollm2 ...)")
+    counts = {"n_instructions": si.n_instructions, "max_rounds": si.max_rounds, "instructions_per_round": si.instructions_per_round,
+              "seeds_per_prompt": si.seeds_per_prompt, "max_new_tokens": si.max_new_tokens,
+              "answer_max_new_tokens": si.answer_max_new_tokens, "min_words": si.min_words, "max_seed_tokens": si.max_seed_tokens}
+    for key, value in counts.items():
+        if value < 1:
+            raise StageError(f"self_instruct.{key}={value} must be >= 1")
+    if si.generated_per_prompt < 0 or si.n_seeds < 0:
+        raise StageError(f"self_instruct.generated_per_prompt={si.generated_per_prompt} and n_seeds={si.n_seeds} must be >= 0 (n_seeds 0: all)")
+    if si.n_seeds and si.n_seeds < si.seeds_per_prompt:
+        raise StageError(f"self_instruct.n_seeds={si.n_seeds} is smaller than seeds_per_prompt={si.seeds_per_prompt}: each prompt "
+                         f"shows seeds_per_prompt distinct seeds from the pool")
+    if si.max_words < si.min_words:
+        raise StageError(f"self_instruct.max_words={si.max_words} is below min_words={si.min_words}: every instruction would be rejected")
+    if not 0 < si.rouge_threshold <= 1:
+        raise StageError(f"self_instruct.rouge_threshold={si.rouge_threshold} must be in (0, 1]: an instruction with ROUGE-L at or "
+                         f"above it to the pool is rejected (0.7 in the paper; 1 rejects only exact token matches)")
+    if si.temperature < 0 or si.answer_temperature < 0:
+        raise StageError(f"self_instruct.temperature={si.temperature} and answer_temperature={si.answer_temperature} must be >= 0 (0: greedy)")
+    if planned_world_size(cfg) > 1:
+        raise StageError("self_instruct runs in one process (it writes one data file): run its recipe with launcher.nproc_per_node=1 "
+                         "and launcher.nnodes=1")

@@ -15,7 +15,9 @@ of a policy's samples, a reward model's pair accuracy and AUC, and DPO's implici
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -23,8 +25,11 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.config import EvalConfig
+from alignment.data.plain_text import token_windows
+from alignment.data.sources import text_source_documents
 from alignment.data.stage_data import HeldOut, user_turn
 from alignment.data.suite import Example, verify
+from alignment.errors import DataError
 from alignment.modeling.generation import Generation, Messages, as_rendered, generate, render_prompts, turn_tail
 from alignment.modeling.scoring import render_replies, response_logps, score_responses
 
@@ -64,8 +69,36 @@ def evaluate_policy(
 
 def evaluate_held_out(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, held: HeldOut, *, cfg: EvalConfig,
                       seed: int) -> dict[str, Any]:
-    """:func:`evaluate_policy` on a stage's held-out set."""
-    return evaluate_policy(model, tokenizer, cfg=cfg, examples=held.examples, unseen=held.unseen, prompts=held.prompts, seed=seed)
+    """:func:`evaluate_policy` on a stage's held-out set, and perplexity on ``eval.lm_text``."""
+    metrics = evaluate_policy(model, tokenizer, cfg=cfg, examples=held.examples, unseen=held.unseen, prompts=held.prompts, seed=seed)
+    return {**metrics, **lm_text_perplexity(model, tokenizer, cfg=cfg)} if cfg.lm_text else metrics
+
+
+def lm_text_perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, cfg: EvalConfig) -> dict[str, float]:
+    """exp(mean negative log-likelihood per scored token) on each ``eval.lm_text`` source
+    (``lm_perplexity/<file stem>``) and over all of them (``lm_perplexity``): the language ability
+    instruction tuning can erode. Each window's first token is context; every later one is scored."""
+    out, total_nll, total_tokens = {}, 0.0, 0
+    for path in cfg.lm_text:
+        windows, budget = [], cfg.lm_text_max_tokens
+        for document in text_source_documents(path):
+            for window in token_windows(document, tokenizer, max_tokens=cfg.lm_text_window_tokens):
+                if budget <= 1:
+                    break
+                windows.append(window[:budget])
+                budget -= len(windows[-1])
+        windows = [w for w in windows if len(w) >= 2]
+        rows_per_forward = max(1, 4096 // cfg.lm_text_window_tokens)  # bounds the [rows, tokens, vocab] logits
+        logps = response_logps(model, [w[:1] for w in windows], [w[1:] for w in windows],
+                               pad_token_id=tokenizer.pad_token_id, batch_size=rows_per_forward)
+        nll, tokens = -float(logps.sum()), sum(len(w) - 1 for w in windows)
+        if tokens == 0:
+            raise DataError(f"eval.lm_text: {path} has no document of two tokens or more: nothing to score")
+        out[f"lm_perplexity/{Path(path).stem}"] = math.exp(nll / tokens)
+        total_nll, total_tokens = total_nll + nll, total_tokens + tokens
+    out["lm_perplexity"] = math.exp(total_nll / total_tokens)
+    out["lm_scored_tokens"] = float(total_tokens)
+    return out
 
 
 def kl_to_reference(policy, reference, tokenizer, held: HeldOut, *, cfg: EvalConfig, seed: int) -> float:

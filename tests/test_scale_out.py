@@ -183,3 +183,18 @@ def test_a_dead_rank_stops_the_others(tmp_path):
     assert time.monotonic() - started < 60
     assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower() for pid in ranks)
     assert read_result(tmp_path / "sft" / "sft") is None or read_result(tmp_path / "sft" / "sft").status != "complete"
+
+
+def test_cpu_adam_overlap_and_buckets_reach_the_deepspeed_json():
+    from alignment.config import DeepSpeedConfig
+    from alignment.scale.distributed import deepspeed_config
+
+    cuda = torch.cuda.is_available()
+    plain = deepspeed_config(DeepSpeedConfig(zero_stage=2, offload_optimizer=True))
+    assert plain["zero_optimization"]["overlap_comm"] is cuda and ("optimizer" in plain) is cuda  # None: decided by the machine
+    tuned = deepspeed_config(DeepSpeedConfig(zero_stage=2, offload_optimizer=True, cpu_adam=True, overlap_comm=True,
+                                             reduce_bucket_size=1000, allgather_bucket_size=2000))
+    assert tuned["optimizer"] == {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+    zero = tuned["zero_optimization"]
+    assert zero["overlap_comm"] is True and zero["reduce_bucket_size"] == 1000 and zero["allgather_bucket_size"] == 2000
+    assert "optimizer" not in deepspeed_config(DeepSpeedConfig(zero_stage=2, cpu_adam=True))  # nothing offloaded: torch's AdamW

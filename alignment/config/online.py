@@ -15,7 +15,20 @@ from alignment.config.base import StageConfig, TrainConfig
 VLLM_GPU_SHARE = 0.3
 
 @dataclass
-class PPOConfig(StageConfig):
+class PretrainingTermConfig:
+    """The pre-training term of PPO-ptx (Ouyang et al. 2022), for PPO, GRPO and RLOO: ptx_coef x
+    the language-modelling loss on plain text (ptx_text: .txt files or rows with "text"; windows
+    of ptx_window_tokens), ptx_batch_size windows per micro-batch, added to the RL loss against
+    the alignment tax. 0: off. Use text that eval.lm_text does not measure on."""
+
+    ptx_coef: float = 0.0
+    ptx_text: List[str] = field(default_factory=list)
+    ptx_batch_size: int = 4
+    ptx_window_tokens: int = 256
+
+
+@dataclass
+class PPOConfig(StageConfig, PretrainingTermConfig):
     """PPO against a reward model (Ziegler et al. 2019; Ouyang et al. 2022), written here in TRL's
     spirit: maths in alignment/stages/ppo/maths.py, a readable loop in alignment/stages/ppo/loop.py."""
 
@@ -28,6 +41,10 @@ class PPOConfig(StageConfig):
     # whole share at once. Same result either way; smaller bounds activation memory.
     micro_batch_size: Optional[int] = None
     ppo_epochs: int = 2
+    # Learning rate over the stage's optimiser steps (num_rollouts x ppo_epochs x mini-batches per
+    # rollout): constant | linear (to 0) | cosine, after warmup_ratio of them at a linear ramp.
+    lr_scheduler: str = "constant"
+    warmup_ratio: float = 0.0
     temperature: float = 1.0
     max_new_tokens: int = 256
     kl_estimator: str = "k1"  # k1 (log-ratio) or k3 (non-negative, lower variance)
@@ -75,7 +92,7 @@ class RewardFunctionConfig:
 
 
 @dataclass
-class OnlineRLConfig(TrainConfig):
+class OnlineRLConfig(TrainConfig, PretrainingTermConfig):
     """What GRPO and RLOO share: TRL's online trainers sample ``num_generations`` replies per
     prompt, score them with the reward functions and push up the better ones of each group.
 

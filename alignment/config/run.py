@@ -21,6 +21,13 @@ class EvalConfig:
     max_new_tokens: int = 256
     batch_size: int = 64  # sequences per generate() call
     eval_start_model: bool = True  # also evaluate the model the first stage starts from
+    # General ability after every stage: perplexity per token on plain text (.txt, or .json/.jsonl
+    # rows with a "text" field; alignment/data/plain_text.py), one figure per source and overall.
+    # Use text no stage trains on. Each source is cut to its first lm_text_max_tokens tokens, in
+    # windows of lm_text_window_tokens (the first token of a window is context, not scored).
+    lm_text: List[str] = field(default_factory=list)
+    lm_text_window_tokens: int = 256
+    lm_text_max_tokens: int = 20000
 
 
 @dataclass
@@ -36,6 +43,15 @@ class DeepSpeedConfig:
     zero_stage: int = 0  # 0: no DeepSpeed (plain data parallel when there are several processes)
     offload_optimizer: bool = False
     offload_params: bool = False  # stage 3 only
+    # With offload_optimizer: DeepSpeed's CPU Adam (a compiled extension, built on first use; several
+    # times faster than torch's AdamW on CPU tensors). None: on when there is a GPU, off on a CPU-only
+    # machine, where the GPU-side speed-up does not exist and the build would cost minutes.
+    cpu_adam: Optional[bool] = None
+    # Overlap gradient reduction with the backward pass. None: on with CUDA (NCCL streams), off on
+    # CPU (gloo has no separate stream to overlap on).
+    overlap_comm: Optional[bool] = None
+    reduce_bucket_size: int = 500_000_000  # elements per gradient reduction (DeepSpeed's default)
+    allgather_bucket_size: int = 500_000_000  # elements per parameter all-gather (ZeRO 1-2)
 
 
 @dataclass

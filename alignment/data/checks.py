@@ -108,10 +108,13 @@ def check_sft_rows(rows: list[Row], *, tokenizer, max_seq_tokens: int, over_leng
     _check_policy(over_length)
 
     def check(row: Row, where: str) -> tuple[Optional[str], int, bool]:
+        if row.get("text") is not None and row.get("messages") is None:
+            # Plain text: every token is trained; a long document becomes windows, none dropped.
+            return None, len(tokenizer(row["text"], add_special_tokens=False)["input_ids"]), False
         messages = _messages(row, "messages", where=where)
         if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
             return "empty_response", 0, False
-        ids, mask = _ids_and_mask(tokenizer, messages, where=where)
+        ids, mask = ids_and_mask(tokenizer, messages, where=where)
         if not any(mask):
             return "empty_response", len(ids), False
         if all(mask):
@@ -159,7 +162,7 @@ def assistant_token_mask(tokenizer, messages: Messages) -> list[int]:
     Templates with ``{% generation %}`` say so themselves. For others the mask is the prefix difference:
     the tokens between "conversation so far + generation prompt" and "conversation including the reply",
     valid only when each such rendering is a token prefix of the whole conversation."""
-    return _ids_and_mask(tokenizer, messages, where="assistant_token_mask")[1]
+    return ids_and_mask(tokenizer, messages, where="assistant_token_mask")[1]
 
 
 def percentiles(lengths: list[int]) -> dict[str, float]:
@@ -212,7 +215,7 @@ def _over_length(policy: str, *, where: str, length: int, max_seq_tokens: int, r
     return None if response_survives else "prompt_too_long"
 
 
-def _ids_and_mask(tokenizer, messages: Messages, *, where: str) -> tuple[list[int], list[int]]:
+def ids_and_mask(tokenizer, messages: Messages, *, where: str) -> tuple[list[int], list[int]]:
     template = tokenizer.chat_template or ""
     if GENERATION_TAG.search(template):
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,

@@ -13,11 +13,12 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from alignment.config import DataConfig, StageConfig
 from alignment.data.formats import FormatError, convert_rows
 from alignment.data.mixture import Source, mix
+from alignment.data.plain_text import SUITE_SOURCE, is_text_source, text_documents, txt_documents
 from alignment.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -112,15 +113,18 @@ def fingerprint_rows(rows: Sequence[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(list(rows), sort_keys=True, default=str).encode()).hexdigest()
 
 
-def converted_rows(cfg: DataConfig, *, path: str, kind: str, seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows of one file, or of the weighted mixture of data.sources, in the stage's form."""
+def converted_rows(cfg: DataConfig, *, path: str, kind: str, seed: int,
+                   suite_rows: Optional[Callable[[], list[dict[str, Any]]]] = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of one file, or of the weighted mixture of data.sources, in the stage's form. SFT
+    mixtures may hold plain text (``{"text": ...}`` rows) and, given ``suite_rows``, the task
+    suite's demonstrations as the member ``path: suite`` (alignment/data/plain_text.py)."""
     if path != MIXTURE:
-        rows, counts = _convert(load_rows(path, split=cfg.split), kind=kind, source=path, fmt=cfg.format, columns=cfg.columns)
+        rows, counts = _source_rows(path, split=cfg.split, kind=kind, fmt=cfg.format, columns=cfg.columns, suite_rows=None)
         return rows, {"rows": len(rows), **counts}
     sources, counts = [], {}
     for source in cfg.sources:
-        rows, formats = _convert(load_rows(source.path, split=source.split), kind=kind, source=source.path, fmt=source.format,
-                                 columns=source.columns)
+        rows, formats = _source_rows(source.path, split=source.split, kind=kind, fmt=source.format, columns=source.columns,
+                                     suite_rows=suite_rows)
         sources.append(Source(name=source.path, rows=rows, weight=source.weight))
         for key, value in formats.items():
             counts[key] = counts.get(key, 0) + value
@@ -132,6 +136,33 @@ def converted_rows(cfg: DataConfig, *, path: str, kind: str, seed: int) -> tuple
         log.info("mixture: %s took %d of %d rows (share %.3f, asked %.3f, %d oversampled)", name, entry["rows_taken"],
                  entry["rows_available"], entry["share_realised"], entry["share_requested"], entry["oversampled"])
     return mixed, {"rows": len(mixed), "mixture": report, **counts}
+
+
+def _source_rows(path: str, *, split: str, kind: str, fmt: Optional[str], columns,
+                 suite_rows: Optional[Callable[[], list[dict[str, Any]]]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """One source's rows: the suite's demonstrations, plain text, or a file or dataset converted."""
+    if path == SUITE_SOURCE:
+        if suite_rows is None:
+            raise DataError(f"data source {SUITE_SOURCE!r} (the task suite's demonstrations) is a mixture member for SFT only "
+                            f"(sft.data_sources); other stages read the suite when data.path and data.sources are unset")
+        rows = suite_rows()
+        return rows, {"format:suite": len(rows)}
+    text = is_text_source(path, fmt=fmt)
+    raw = None if text else load_rows(path, split=split)
+    if text or is_text_source(path, fmt=fmt, first_row=raw[0] if raw else None):
+        if kind != "sft":
+            raise DataError(f"{path}: plain text (rows of 'text') trains SFT only; the {kind} data needs conversational rows. "
+                            f"For a pre-training term in PPO or GRPO use ppo.ptx_text / grpo.ptx_text")
+        documents = text_source_documents(path) if raw is None else text_documents(raw, source=path)
+        return [{"text": d} for d in documents], {"format:text": len(documents)}
+    return _convert(raw, kind=kind, source=path, fmt=fmt, columns=columns)
+
+
+def text_source_documents(path: str) -> list[str]:
+    """The documents of a plain-text file: ``.txt`` blocks, or the ``text`` field of JSON rows."""
+    if Path(path).suffix.lower() == ".txt":
+        return txt_documents(path)
+    return text_documents(load_rows(path, split="train"), source=path)
 
 
 def _convert(raw: list[dict[str, Any]], *, kind: str, source: str, fmt: Optional[str], columns) -> tuple[list[dict[str, Any]], dict[str, int]]:

@@ -23,6 +23,7 @@ from datasets import Dataset
 
 from alignment.config import DataConfig, StageConfig, SuiteConfig
 from alignment.data.checks import check_preference_rows, check_prompt_rows, check_sft_rows
+from alignment.data.plain_text import SUITE_SOURCE
 from alignment.data.sources import MIXTURE, converted_rows, file_fingerprint, fingerprint_rows, stage_data, stage_source
 from alignment.data.suite import Example, Suite, build_suite, chatter, suite_fingerprint
 from alignment.errors import StageError
@@ -95,7 +96,9 @@ def source_fingerprint(cfg: DataConfig, stage_cfg: StageConfig) -> str:
     if path is None:
         return "suite:" + suite_fingerprint(load_suite(cfg.suite))
     if path == MIXTURE:
-        return "mixture:" + "|".join(f"{file_fingerprint(s.path)}*{s.weight}" for s in data_cfg.sources)
+        def member(s):
+            return f"suite:{suite_fingerprint(load_suite(cfg.suite))}" if s.path == SUITE_SOURCE else file_fingerprint(s.path)
+        return "mixture:" + "|".join(f"{member(s)}*{s.weight}" for s in data_cfg.sources)
     return file_fingerprint(path)
 
 
@@ -111,10 +114,22 @@ def sft_data(cfg: DataConfig, *, data_path: Optional[str], seed: int, tokenizer=
             fingerprint=f"suite:{suite_fingerprint(suite)}:chatter={cfg.suite.demo_chatter_rate}",
             counts={"source": "suite", "rows": len(rows), "chatty_demonstrations": n_chatty},
         )
-    rows, train, held, counts = _checked_file_rows(cfg, path=path, kind="sft", seed=seed, tokenizer=tokenizer, max_seq_tokens=max_seq_tokens)
+    members = {s.path for s in cfg.sources} if path == MIXTURE else set()
+    suite = load_suite(cfg.suite) if SUITE_SOURCE in members else None
+    suite_rows = (lambda: suite_demonstrations(suite, chatter_rate=cfg.suite.demo_chatter_rate, seed=cfg.suite.seed)[0]) if suite else None
+    rows, train, held, counts = _checked_file_rows(cfg, path=path, kind="sft", seed=seed, tokenizer=tokenizer, max_seq_tokens=max_seq_tokens,
+                                                   suite_rows=suite_rows)
+    if suite is not None:  # the suite's own held-out split (verified), none of the mixture's rows
+        train, held_out = rows, suite_held_out(suite)
+        counts.update(train_rows=len(train), eval_rows=0)
+    else:
+        held_out = HeldOut(prompts=[r["messages"][:-1] for r in held if r.get("messages")])
+    if any(r.get("text") for r in train):  # plain text beside conversations: every row gets both columns
+        counts["plain_text_rows"] = sum(1 for r in train if r.get("text"))
+        train = [{"messages": r.get("messages"), "text": r.get("text")} for r in train]
     return StageData(
         train=Dataset.from_list(train),
-        held_out=HeldOut(prompts=[r["messages"][:-1] for r in held]),
+        held_out=held_out,
         fingerprint=f"file:{fingerprint_rows(rows)}",
         counts=counts,
     )
@@ -133,9 +148,9 @@ def preference_file_data(cfg: DataConfig, *, path: str, seed: int, tokenizer=Non
     )
 
 
-def _checked_file_rows(cfg: DataConfig, *, path: str, kind: str, seed: int, tokenizer, max_seq_tokens: int):
+def _checked_file_rows(cfg: DataConfig, *, path: str, kind: str, seed: int, tokenizer, max_seq_tokens: int, suite_rows=None):
     """Converted rows, checked when a tokenizer is given, split into train and held-out."""
-    rows, formats = converted_rows(cfg, path=path, kind=kind, seed=seed)
+    rows, formats = converted_rows(cfg, path=path, kind=kind, seed=seed, suite_rows=suite_rows)
     if tokenizer is not None:
         check = check_sft_rows if kind == "sft" else check_preference_rows
         rows, report = check(rows, tokenizer=tokenizer, max_seq_tokens=max_seq_tokens, over_length=cfg.over_length,

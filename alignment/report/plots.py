@@ -34,6 +34,7 @@ EVAL_PANELS = (
     ("preference accuracy, held-out pairs", (("pairwise_accuracy", "reward model"), ("reward_accuracy", "DPO implicit reward"))),
     ("reward-model score of samples", (("reward_model_score", "mean score"),)),
     ("KL to parent", (("kl_to_parent", "nats/response"),)),
+    ("plain-text perplexity (eval.lm_text)", (("lm_perplexity", "per token"),)),
 )
 # (panel title, ((history key, line label), ...)) for the PPO per-rollout curves.
 ROLLOUT_PANELS = (

@@ -28,6 +28,7 @@ ROWS = (
     ("unseen/gold_accuracy_sampled", "  unseen phrasings, sampled"),
     ("response_tokens_mean", "response length (tokens)"),
     ("eos_rate", "ends with EOS"),
+    ("lm_perplexity", "plain-text perplexity (eval.lm_text)"),
     ("reward_model_score", "reward-model score of samples"),
     ("pairwise_accuracy", "reward model: pair accuracy"),
     ("correct_vs_incorrect_auc", "reward model: correct/wrong AUC"),
@@ -37,6 +38,8 @@ ROWS = (
     ("pair_label_agreement", "pair labels agreeing with gold"),
     ("final/rollout/gold_accuracy", "PPO rollouts: gold accuracy, last"),
     ("train_reward_final", "GRPO/RLOO: mean reward, last step"),
+    ("candidates_generated", "self-instruct: candidates written"),
+    ("instructions_kept", "self-instruct: instructions kept"),
     ("train_loss_final", "final train loss"),
     ("wall_seconds", "wall seconds"),
 )

@@ -88,7 +88,10 @@ def deepspeed_config(ds: DeepSpeedConfig) -> Optional[dict[str, Any]]:
     """
     if ds.zero_stage == 0:
         return None
-    zero: dict[str, Any] = {"stage": ds.zero_stage, "overlap_comm": False, "contiguous_gradients": True}
+    cuda = torch.cuda.is_available()
+    zero: dict[str, Any] = {"stage": ds.zero_stage, "overlap_comm": cuda if ds.overlap_comm is None else ds.overlap_comm,
+                            "contiguous_gradients": True, "reduce_bucket_size": ds.reduce_bucket_size,
+                            "allgather_bucket_size": ds.allgather_bucket_size}
     if ds.zero_stage == 3:
         # Full weights on rank 0 at save time: stage boundaries write ordinary HF checkpoints.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -97,7 +100,7 @@ def deepspeed_config(ds: DeepSpeedConfig) -> Optional[dict[str, Any]]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
-    return {
+    out = {
         "train_micro_batch_size_per_gpu": "auto",
         "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto",
@@ -105,11 +108,20 @@ def deepspeed_config(ds: DeepSpeedConfig) -> Optional[dict[str, Any]]:
         "bf16": {"enabled": "auto"},
         "fp16": {"enabled": "auto"},
         "zero_optimization": zero,
-        # torch's AdamW (the Trainer's) also works with offloaded states; DeepSpeed's own CPU
-        # Adam is faster on GPUs but needs a compiled extension.
+        # Without CPU Adam, torch's AdamW (the Trainer's) steps the offloaded states.
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
     }
+    if uses_cpu_adam(ds):
+        # DeepSpeed builds the optimizer (DeepSpeedCPUAdam, as the states are on the CPU); the
+        # Trainer fills the "auto" values from the stage's config, PPO from its own.
+        out["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+    return out
+
+
+def uses_cpu_adam(ds: DeepSpeedConfig) -> bool:
+    """DeepSpeed's CPU Adam steps the offloaded optimizer states (``deepspeed.cpu_adam``)."""
+    return ds.zero_stage > 0 and ds.offload_optimizer and (torch.cuda.is_available() if ds.cpu_adam is None else ds.cpu_adam)
 
 
 def is_zero3(model: torch.nn.Module) -> bool:
@@ -154,6 +166,15 @@ def all_gather_cat(values: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(moved) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, moved)
     return torch.cat(parts).to(values.device)
+
+
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over every rank (itself without a process group)."""
+    if not dist.is_initialized():
+        return values
+    moved = values.to(collective_device()).clone()
+    dist.all_reduce(moved)
+    return moved.to(values.device)
 
 
 def mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:

@@ -17,15 +17,19 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, Trainer
 
 from alignment.config import OnlineRLConfig
+from alignment.data.plain_text import token_windows
+from alignment.data.sources import text_source_documents
 from alignment.data.stage_data import prompt_data
 from alignment.errors import StageError
 from alignment.evaluate import evaluate_held_out, kl_to_reference, policy_reward_score
 from alignment.modeling import lora
 from alignment.modeling.loading import load_reward_model
+from alignment.modeling.scoring import pack, policy_forward
 from alignment.rewards.functions import build_rewards, reward_model_reward
 from alignment.rewards.preflight import run_preflight
 from alignment.scale.distributed import unsharded
@@ -95,8 +99,39 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext, prepared: Prepared, *,
         vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
         **specific,
     )
+    if cfg.ptx_coef > 0:  # PPO-ptx's pre-training term, added to TRL's loss (with_pretraining_term)
+        windows = [w for path in cfg.ptx_text for doc in text_source_documents(path)
+                   for w in token_windows(doc, prepared.tokenizer, max_tokens=cfg.ptx_window_tokens)]
+        trainer_class = with_pretraining_term(trainer_class, windows, coef=cfg.ptx_coef, batch_size=cfg.ptx_batch_size,
+                                              pad_token_id=prepared.tokenizer.pad_token_id, seed=ctx.cfg.seed)
     return trainer_class(model=prepared.model, reward_funcs=[r.fn for r in rewards], args=args,
                          train_dataset=prepared.data.train, processing_class=prepared.tokenizer)
+
+
+def with_pretraining_term(trainer_class: type, windows: list[list[int]], *, coef: float, batch_size: int, pad_token_id: int,
+                          seed: int) -> type:
+    """``trainer_class`` whose loss adds ``coef`` x the language-modelling loss of ``batch_size``
+    plain-text windows per call. The windows are drawn from a generator seeded by (seed, optimiser
+    step, call within the step), so a run resumed from a mid-stage checkpoint draws the same ones."""
+
+    class WithPretrainingTerm(trainer_class):
+        _ptx_step, _ptx_call = -1, 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            if self.state.global_step != self._ptx_step:
+                self._ptx_step, self._ptx_call = self.state.global_step, 0
+            self._ptx_call += 1
+            generator = torch.Generator().manual_seed(hash((seed, self._ptx_step, self._ptx_call)) % (1 << 62))
+            drawn = [windows[i] for i in torch.randint(len(windows), (batch_size,), generator=generator).tolist()]
+            packed = pack([w[:1] for w in drawn], [w[1:] for w in drawn], pad_token_id=pad_token_id).to(self.accelerator.device)
+            logprobs, _ = policy_forward(model, packed, temperature=1.0)
+            ptx = -(logprobs * packed.mask).sum() / packed.mask.sum()
+            self._metrics["train" if model.training else "eval"]["ptx_loss"].append(float(ptx.detach()))
+            return loss + coef * ptx
+
+    WithPretrainingTerm.__name__ = f"{trainer_class.__name__}WithPretrainingTerm"
+    return WithPretrainingTerm
 
 
 def evaluate(cfg: OnlineRLConfig, ctx: StageContext, prepared: Prepared, policy) -> dict[str, Any]:

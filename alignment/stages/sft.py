@@ -14,12 +14,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
 from alignment.config import SFTConfig
 from alignment.data.checks import GENERATION_TAG
+from alignment.data.generated import with_generated_rows
+from alignment.data.plain_text import tokenized_sft_rows
 from alignment.data.sources import stage_data
 from alignment.data.stage_data import sft_data
 from alignment.evaluate import evaluate_held_out
@@ -37,6 +40,8 @@ def train_sft(cfg: SFTConfig, ctx: StageContext) -> StageResult:
 def prepare(cfg: SFTConfig, ctx: StageContext, tokenizer) -> Prepared:
     data = sft_data(stage_data(ctx.cfg.data, cfg), data_path=cfg.data_path, seed=ctx.cfg.seed, tokenizer=tokenizer,
                     max_seq_tokens=cfg.max_seq_tokens)
+    # Rows an earlier stage wrote (self_instruct) join the training rows; held-out data stays the seed data's.
+    data = with_generated_rows(data, ctx.previous.values(), tokenizer=tokenizer, max_seq_tokens=cfg.max_seq_tokens, cfg=ctx.cfg.data)
     model = padding_free(load_policy(ctx, tokenizer), ctx)
     start_metrics = {}
     if ctx.is_first and ctx.cfg.eval.enabled and ctx.cfg.eval.eval_start_model:
@@ -49,6 +54,12 @@ def build_trainer(cfg: SFTConfig, ctx: StageContext, prepared: Prepared, **overr
     benchmark's step count). Batches stay padded for TRL's collator and are repacked inside the
     model (``padding_free`` in ``prepare``); the LM head scores response tokens only."""
     train, loss_mask = _with_loss_mask(prepared.data.train, prepared.tokenizer, assistant_only=cfg.assistant_only_loss)
+    if "text" in train.column_names:  # plain text in the mixture: tokenized here, loss on all of its tokens
+        rows, shares = tokenized_sft_rows(train, prepared.tokenizer, max_seq_tokens=cfg.max_seq_tokens,
+                                          responses_only=cfg.assistant_only_loss)
+        train = Dataset.from_list(rows)
+        loss_mask = "responses_and_plain_text" if cfg.assistant_only_loss else "all_tokens"
+        prepared.data.counts.update(shares)
     prepared.data.counts["loss_mask"] = loss_mask
     args = TRLSFTConfig(
         **{**trainer_kwargs(cfg, ctx), **overrides},
@@ -80,6 +91,8 @@ def _with_loss_mask(train, tokenizer, *, assistant_only: bool):
     """
     if not assistant_only:
         return train, "all_tokens"
+    if "text" in train.column_names:
+        return train, "responses_and_plain_text"  # labels built with the tokens (build_trainer)
     if GENERATION_TAG.search(tokenizer.chat_template or ""):
         return train, "generation_tags"
     return train.map(lambda row: {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}, remove_columns=["messages"]), "final_turn"

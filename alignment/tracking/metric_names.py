@@ -48,7 +48,7 @@ def result_metrics(result: "StageResult") -> dict[str, float]:
 def _result_name(key: str, *, stage: str, parent_stage: Optional[str]) -> Optional[str]:
     if key.startswith(_STREAMED):
         return None
-    if key in _SHARED_EVAL or key.startswith(("seen/", "unseen/", "family/")):
+    if key in _SHARED_EVAL or key.startswith(("seen/", "unseen/", "family/", "lm_perplexity", "lm_scored_tokens")):
         return f"eval/{key}"
     if key == "kl_to_parent":
         # The KL is to whatever the stage started from: the SFT policy in the shipped recipes.

@@ -7,7 +7,7 @@ log-probs and values, ``engine.zero_grad()``, ``engine.backward(loss, ...)`` per
 
 - one process: AdamW, gradient clipping, as before;
 - several processes without ZeRO: every rank holds the models; gradients are averaged over
-  ranks (all-reduce) before clipping, so ranks stay identical;
+  ranks (one flattened all-reduce) before clipping, so ranks stay identical;
 - ZeRO 1/2/3 (``deepspeed=zero*``): one DeepSpeed engine over a module holding both models;
   DeepSpeed averages, clips and shards. Under ZeRO-3 sampling gathers the policy's weights
   (alignment.distributed.generation_weights).
@@ -24,6 +24,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from transformers import get_scheduler
 
 from alignment.config import PPOConfig
 from alignment.modeling.scoring import Packed, policy_forward, token_values
@@ -49,15 +51,22 @@ class PPOEngine:
     def __init__(self, cfg: PPOConfig, ctx, *, policy: torch.nn.Module, value_model: torch.nn.Module):
         self.cfg, self.module = cfg, PolicyAndValue(policy, value_model)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      weight_decay=cfg.weight_decay)
+        adam = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+        if distributed.uses_cpu_adam(ctx.cfg.deepspeed):  # offloaded states: DeepSpeed's CPU Adam steps them
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(self.params, adamw_mode=True, **adam)
+        else:
+            optimizer = torch.optim.AdamW(self.params, **adam)
+        scheduler = lr_schedule(cfg, optimizer)
         self.ds_engine = None
         ds = ppo_deepspeed_config(ctx.cfg, cfg)
         if ds is not None:
             import deepspeed
 
-            self.ds_engine, optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=ds)
-        self.optimizer = optimizer
+            self.ds_engine, optimizer, _, scheduler = deepspeed.initialize(model=self.module, optimizer=optimizer, config=ds,
+                                                                          lr_scheduler=scheduler)
+        self.optimizer, self.scheduler = optimizer, scheduler
         # PPO trains with dropout off, as TRL's PPO did: the rollout's log-probs and values and the
         # updates' must come from the same network, so that the first update's ratio is exactly 1
         # and clip fraction and approx-KL measure the updates, not dropout noise (LoRA's 0.05, or
@@ -87,10 +96,10 @@ class PPOEngine:
         if self.ds_engine is not None:
             # DeepSpeed divides by its gradient_accumulation_steps (= micro_batches) and steps
             # the optimizer itself at the last micro-batch of a mini-batch.
-            self.ds_engine.backward(loss * (weight * micro_batches) if micro_batches > 1 else loss)
+            self.ds_engine.backward(loss * (weight * micro_batches))
             self.ds_engine.step()
             return
-        (loss * weight if micro_batches > 1 else loss).backward()
+        (loss * weight).backward()
 
     def step(self) -> float:
         """Average the accumulated gradients over ranks, clip, step; returns the gradient norm
@@ -99,14 +108,23 @@ class PPOEngine:
             norm = self.ds_engine.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")
         if dist.is_initialized():
-            world = dist.get_world_size()
-            for p in self.params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(world)
+            # One all-reduce of every gradient flattened together (a parameter without a
+            # gradient on this rank contributes zeros, so no rank waits on a missing tensor).
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            flat = _flatten_dense_tensors(grads).to(distributed.collective_device())
+            dist.all_reduce(flat)
+            flat.div_(dist.get_world_size())
+            for p, reduced in zip(self.params, _unflatten_dense_tensors(flat.to(grads[0].device), grads)):
+                p.grad = reduced
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
+        self.scheduler.step()
         return float(norm)
+
+    @property
+    def learning_rate(self) -> float:
+        """The rate of the next optimiser step."""
+        return float(self.scheduler.get_last_lr()[0])
 
     @contextlib.contextmanager
     def sampling_policy(self) -> Iterator[torch.nn.Module]:
@@ -129,7 +147,8 @@ class PPOEngine:
         if self.ds_engine is not None:
             self.ds_engine.save_checkpoint(str(directory), tag="engine")
         elif distributed.is_main():
-            torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}, directory / "engine.pt")
+            torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()}, directory / "engine.pt")
 
     def load(self, directory: Path) -> None:
         if self.ds_engine is not None:
@@ -138,6 +157,19 @@ class PPOEngine:
         state = torch.load(directory / "engine.pt", map_location="cpu", weights_only=False)
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def optimiser_steps(cfg: PPOConfig) -> int:
+    """Optimiser steps in the whole stage: one per mini-batch, ppo_epochs passes per rollout."""
+    return cfg.num_rollouts * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
+
+
+def lr_schedule(cfg: PPOConfig, optimizer: torch.optim.Optimizer):
+    """``ppo.lr_scheduler`` over the stage's optimiser steps, with ``ppo.warmup_ratio`` of them warming up."""
+    total = optimiser_steps(cfg)
+    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total), num_training_steps=total)
 
 
 def ppo_deepspeed_config(run_cfg, cfg: PPOConfig) -> Optional[dict[str, Any]]:
@@ -147,6 +179,7 @@ def ppo_deepspeed_config(run_cfg, cfg: PPOConfig) -> Optional[dict[str, Any]]:
     ds = distributed.deepspeed_config(run_cfg.deepspeed)
     if ds is None:
         return None
+    ds.pop("optimizer", None)  # PPO builds its optimizer itself (DeepSpeedCPUAdam when offloading)
     world = distributed.world_size()
     per_rank = cfg.mini_batch_size // world
     micro = min(cfg.micro_batch_size or per_rank, per_rank)

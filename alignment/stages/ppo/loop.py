@@ -14,7 +14,7 @@ a stop request (alignment/scale/preemption.py).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from alignment.config import PPOConfig
 from alignment.errors import NonFiniteLoss
 from alignment.modeling.rollout_engine import RolloutEngine
-from alignment.modeling.scoring import Packed, select
+from alignment.modeling.scoring import Packed, pack, select
 from alignment.scale import checkpoints, distributed, preemption
 from alignment.stages.ppo import maths as pm
 from alignment.stages.ppo.engine import PPOEngine, load_loop, save_loop
@@ -33,7 +33,8 @@ from alignment.tracking.metric_names import rollout_metrics
 log = logging.getLogger(__name__)
 
 
-def ppo_loop(cfg: PPOConfig, ctx, *, engine: PPOEngine, sampler: RolloutEngine, reference, reward_model, tokenizer, prompts, examples) -> list[dict[str, Any]]:
+def ppo_loop(cfg: PPOConfig, ctx, *, engine: PPOEngine, sampler: RolloutEngine, reference, reward_model, tokenizer, prompts, examples,
+             ptx_windows: Sequence[list[int]] = ()) -> list[dict[str, Any]]:
     """``num_rollouts`` rollout-and-update iterations; each rank samples its share of every
     rollout batch. Resumes from the newest complete mid-stage checkpoint; stops (after one)
     when a stop is requested (alignment/scale/preemption.py)."""
@@ -63,7 +64,8 @@ def ppo_loop(cfg: PPOConfig, ctx, *, engine: PPOEngine, sampler: RolloutEngine, 
                                   prompt_ids=prompts[start : start + per_rank], examples=examples[start : start + per_rank],
                                   moments=moments, kl_coef=controller.value)
         optimise_started = clock(device)
-        stats.update(_optimise(cfg, batch, engine=engine, generator=generator, rollouts=per_rank))
+        stats.update(_optimise(cfg, batch, engine=engine, generator=generator, rollouts=per_rank, ptx_windows=ptx_windows,
+                               pad_token_id=tokenizer.pad_token_id))
         stats["time/training_s"] = clock(device) - optimise_started
         stats = distributed.mean_over_ranks(stats)
         controller.update(stats["kl"], cfg.rollout_batch_size)
@@ -92,11 +94,14 @@ def ppo_loop(cfg: PPOConfig, ctx, *, engine: PPOEngine, sampler: RolloutEngine, 
     return history
 
 
-def _optimise(cfg: PPOConfig, rollout: dict[str, Any], *, engine: PPOEngine, generator, rollouts: int) -> dict[str, float]:
+def _optimise(cfg: PPOConfig, rollout: dict[str, Any], *, engine: PPOEngine, generator, rollouts: int,
+              ptx_windows: Sequence[list[int]] = (), pad_token_id: int = 0) -> dict[str, float]:
     """``ppo_epochs`` passes over this rank's rollouts in mini-batches (``mini_batch_size`` over
     all ranks), each split into micro-batches of ``micro_batch_size`` rows. A micro-batch's loss
     is weighted by its share of the mini-batch's response tokens, so the accumulated gradient is
-    the whole mini-batch's, whatever the split."""
+    the whole mini-batch's, whatever the split. With ``ppo.ptx_coef`` each micro-batch adds
+    ptx_coef x the language-modelling loss of ``ptx_batch_size`` plain-text windows drawn by the
+    loop's generator (saved in mid-stage checkpoints, so a resumed run draws the same ones)."""
     sums: dict[str, float] = {}
     n_updates = 0
     mini = cfg.mini_batch_size * rollouts // cfg.rollout_batch_size  # this rank's share of a mini-batch
@@ -106,21 +111,37 @@ def _optimise(cfg: PPOConfig, rollout: dict[str, Any], *, engine: PPOEngine, gen
         for start in range(0, rollouts, mini):
             index = order[start : start + mini]
             chunks = [index[i : i + micro] for i in range(0, len(index), micro)]
-            mini_tokens = rollout["packed"].mask[index].sum()
+            # A micro-batch's weight is its share of the mini-batch's response tokens on every
+            # rank together, times the number of ranks (their gradients are averaged): the
+            # update is the token mean over the whole mini-batch, whatever the process count.
+            mini_tokens = distributed.sum_over_ranks(rollout["packed"].mask[index].sum())
             engine.zero_grad()
             update: dict[str, float] = {}
             for chunk in chunks:
-                weight = 1.0 if len(chunks) == 1 else float(rollout["packed"].mask[chunk].sum() / mini_tokens)
+                weight = float(rollout["packed"].mask[chunk].sum() / mini_tokens) * distributed.world_size()
                 losses = _micro_batch_loss(cfg, rollout, chunk, engine=engine, n_update=n_updates + 1)
+                if cfg.ptx_coef > 0:
+                    drawn = torch.randint(len(ptx_windows), (cfg.ptx_batch_size,), generator=generator).tolist()
+                    ptx = _ptx_loss([ptx_windows[i] for i in drawn], engine=engine, pad_token_id=pad_token_id)
+                    losses.update(loss=losses["loss"] + cfg.ptx_coef * ptx, **{"loss/ptx": ptx})
                 engine.backward(losses["loss"], weight=weight, micro_batches=len(chunks))
                 for name, value in losses.items():
                     if name != "loss":
                         update[name] = update.get(name, 0.0) + weight * float(value.detach() if torch.is_tensor(value) else value)
+            update["learning_rate"] = engine.learning_rate  # the rate this step is taken at
             update["grad_norm"] = engine.step()
             for name, value in update.items():
                 sums[name] = sums.get(name, 0.0) + value
             n_updates += 1
     return {name: total / n_updates for name, total in sums.items()}
+
+
+def _ptx_loss(windows: list[list[int]], *, engine: PPOEngine, pad_token_id: int) -> torch.Tensor:
+    """Mean negative log-likelihood per token of plain-text windows under the policy (temperature
+    1: the pre-training objective), through the engine so ZeRO-3 gathers as for the PPO loss."""
+    packed = pack([w[:1] for w in windows], [w[1:] for w in windows], pad_token_id=pad_token_id).to(next(engine.policy.parameters()).device)
+    logprobs, _ = engine(packed, temperature=1.0)
+    return -(logprobs * packed.mask).sum() / packed.mask.sum()
 
 
 def _micro_batch_loss(cfg: PPOConfig, rollout: dict[str, Any], index: torch.Tensor, *, engine: PPOEngine, n_update: int) -> dict[str, Any]:

@@ -22,6 +22,7 @@ the loss functions are differentiable, the rollout-side ones return constants.
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -50,14 +51,22 @@ def masked_var(values: Tensor, mask: Tensor, *, unbiased: bool = True) -> Tensor
     return var * n / (n - 1) if unbiased else var
 
 
-def masked_whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True) -> Tensor:
+def masked_whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True,
+                  sum_over_ranks: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """(x - mean) / sqrt(var + 1e-8) with mean and unbiased var over masked entries only.
 
     With ``shift_mean=False`` the mean is added back (only the scale changes). Padded entries
-    come back as 0, so they can never leak into a later unmasked sum.
+    come back as 0, so they can never leak into a later unmasked sum. With ``sum_over_ranks``
+    (a sum over processes) mean and variance are those of every rank's entries together, so
+    the whitened values, and the objective, do not depend on the number of processes.
     """
     mask = _as_float(mask, values)
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    if sum_over_ranks is None:
+        mean, var = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        n = sum_over_ranks(mask.sum())
+        mean = sum_over_ranks((values * mask).sum()) / n
+        var = sum_over_ranks((((values - mean) ** 2) * mask).sum()) / (n - 1)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

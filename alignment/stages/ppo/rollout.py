@@ -59,7 +59,7 @@ def rollout(cfg: PPOConfig, *, engine: PPOEngine, sampler: RolloutEngine, refere
     rewards = pm.per_token_rewards(scores, kl, mask, kl_coef=kl_coef)
     advantages, returns = pm.gae_advantages(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
     if cfg.whiten_advantages:
-        advantages = pm.masked_whiten(advantages, mask)
+        advantages = pm.masked_whiten(advantages, mask, sum_over_ranks=distributed.sum_over_ranks)  # over the whole batch
     texts = [tokenizer.decode(r[:-1] if ended_i else r, skip_special_tokens=True) for r, ended_i in zip(responses, ended.tolist())]
     gold = [float(verify(e, t)) for e, t in zip(examples, texts) if e is not None]
     stats = {
