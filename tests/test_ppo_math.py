@@ -204,3 +204,13 @@ def test_eos_penalty_is_subtracted_from_rows_that_never_ended_as_in_trl():
     scores, ended = t(1.0, 2.0, 3.0), torch.tensor([True, False, True])
     torch.testing.assert_close(eos_penalty_scores(scores, ended, penalty=1.0), t(1.0, 1.0, 3.0))
     torch.testing.assert_close(eos_penalty_scores(scores, ended, penalty=0.5), t(1.0, 1.5, 3.0))
+
+
+def test_entropy_in_chunks_equals_the_whole_float32_computation():
+    logits = torch.randn(9, 5, 50, generator=torch.Generator().manual_seed(0))
+    mask = (torch.rand(9, 5, generator=torch.Generator().manual_seed(1)) > 0.3).float()
+    logp = torch.log_softmax(logits, dim=-1)
+    whole = ((-(logp.exp() * logp).sum(-1)) * mask).sum() / mask.sum()
+    for rows in (1, 4, 9):
+        assert entropy_from_logits(logits, mask, rows_per_chunk=rows).item() == pytest.approx(whole.item(), rel=1e-5)
+    assert entropy_from_logits(logits.bfloat16(), mask).item() == pytest.approx(whole.item(), rel=2e-2)  # bf16 logits in

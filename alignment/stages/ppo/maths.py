@@ -197,11 +197,16 @@ def value_loss(
     return loss, stats
 
 
-def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
-    """Mean over real tokens of H_t = -sum_v p_v log p_v, with logits ``[batch, len, vocab]``."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    entropy = -(logp.exp() * logp).sum(dim=-1)
-    return masked_mean(entropy, mask)
+def entropy_from_logits(logits: Tensor, mask: Tensor, *, rows_per_chunk: int = 4) -> Tensor:
+    """Mean over real tokens of H_t = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v, with
+    logits ``[batch, len, vocab]`` in any dtype. Computed in float32 ``rows_per_chunk`` rows at a
+    time, so a bf16 batch never has a whole float32 [batch, len, vocab] copy beside it."""
+    with torch.no_grad():
+        parts = []
+        for chunk in logits.split(rows_per_chunk):
+            z = chunk.float()
+            parts.append(torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1))
+        return masked_mean(torch.cat(parts), mask)
 
 
 class FixedKLController:
