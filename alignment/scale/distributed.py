@@ -2,9 +2,9 @@
 
 The launcher (alignment/scale/launch.py, or srun under Slurm) starts one process per device with the
 usual torch.distributed environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
-Every rank runs the whole pipeline: the same skip decisions (rank 0 decides and broadcasts),
-the same data and sampling (seeded alike), the same trainer steps on its shard of each batch.
-Only rank 0 writes records and checkpoints.
+Every rank runs the whole pipeline: the same skip decisions, sampled pairs, pre-flight and
+evaluations (rank 0 decides or computes them and broadcasts: :func:`on_rank_zero`), the same
+trainer steps on its shard of each batch. Only rank 0 writes records and checkpoints.
 
 The process group is gloo on CPU and nccl on GPUs; transformers' Trainer and DeepSpeed find it
 already initialised and use it.
@@ -15,12 +15,15 @@ from __future__ import annotations
 import contextlib
 import os
 from datetime import timedelta
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from alignment.config import DeepSpeedConfig
+
+T = TypeVar("T")
+_alone = {"now": False}  # rank 0 inside on_rank_zero: no collective may be entered
 
 
 def world_size() -> int:
@@ -71,9 +74,35 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on at least one (a collective: call it on all)."""
+def on_rank_zero(compute: Callable[[], T]) -> T:
+    """``compute()`` run by rank 0 alone, its result (or its exception) given to every rank.
+
+    For sampling and evaluation: every rank must hold the same pairs and metrics, and sampling is
+    not bit-identical across devices, so ranks that each sampled for themselves could disagree
+    on a dataset's length and hang the trainer's first collective. Only for work with no
+    collective inside (the models sampled from here are whole on every rank).
+    """
     if not dist.is_initialized():
+        return compute()
+    outcome: tuple[Any, Optional[BaseException]] = (None, None)
+    if is_main():
+        _alone["now"] = True  # any_rank inside (a stop check between sampling batches) asks no other rank
+        try:
+            outcome = (compute(), None)
+        except Exception as err:  # every rank raises it, instead of the others waiting forever
+            outcome = (None, err)
+        finally:
+            _alone["now"] = False
+    result, error = broadcast(outcome)
+    if error is not None:
+        raise error
+    return result
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (a collective: call it on all).
+    Inside :func:`on_rank_zero`'s work, where rank 0 is alone, it is rank 0's own flag."""
+    if not dist.is_initialized() or _alone["now"]:
         return flag
     value = torch.tensor([1.0 if flag else 0.0], device=collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)

@@ -28,6 +28,7 @@ from alignment.data.stage_data import sft_data
 from alignment.evaluate import evaluate_held_out
 from alignment.modeling import compact_head
 from alignment.records import StageResult
+from alignment.scale.distributed import on_rank_zero
 from alignment.stages.common import StageContext, load_policy, padding_free
 from alignment.stages.trl_stage import Prepared, TRLStage, run_trl_stage, trainer_kwargs
 
@@ -45,7 +46,7 @@ def prepare(cfg: SFTConfig, ctx: StageContext, tokenizer) -> Prepared:
     model = padding_free(load_policy(ctx, tokenizer), ctx)
     start_metrics = {}
     if ctx.is_first and ctx.cfg.eval.enabled and ctx.cfg.eval.eval_start_model:
-        start_metrics = evaluate_held_out(model, tokenizer, data.held_out, cfg=ctx.cfg.eval, seed=ctx.cfg.seed)
+        start_metrics = on_rank_zero(lambda: evaluate_held_out(model, tokenizer, data.held_out, cfg=ctx.cfg.eval, seed=ctx.cfg.seed))
     return Prepared(model=model, tokenizer=tokenizer, data=data, start_metrics=start_metrics)
 
 

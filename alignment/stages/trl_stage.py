@@ -26,7 +26,7 @@ from alignment.data.stage_data import StageData
 from alignment.errors import CheckpointError
 from alignment.records import StageResult
 from alignment.scale import checkpoints, preemption
-from alignment.scale.distributed import deepspeed_config, unsharded
+from alignment.scale.distributed import deepspeed_config, on_rank_zero, unsharded
 from alignment.stages.common import StageContext, place, save_checkpoint, seed_everything, stage_result, stage_tokenizer
 from alignment.tracking.base import TrainLogCallback
 
@@ -71,7 +71,7 @@ def run_trl_stage(stage: TRLStage, cfg: TrainConfig, ctx: StageContext) -> Stage
     if ctx.cfg.eval.enabled:
         started = time.monotonic()
         trained = place(unsharded(trainer.model, saved.path, loader=stage.loader))
-        metrics.update(stage.evaluate(cfg, ctx, prepared, trained))
+        metrics.update(on_rank_zero(lambda: stage.evaluate(cfg, ctx, prepared, trained)))  # rank 0 evaluates, every rank records
         log.info("[%s] evaluated in %.1f s", ctx.stage, time.monotonic() - started)
     return stage_result(ctx, cfg, saved=saved, data=prepared.data, metrics=metrics, start_metrics=prepared.start_metrics,
                         inputs=prepared.inputs)

@@ -32,7 +32,7 @@ from alignment.modeling.generation import render_prompts
 from alignment.modeling.loading import load_reward_model, load_value_model_from_policy
 from alignment.modeling.rollout_engine import rollout_engine
 from alignment.records import StageResult
-from alignment.scale.distributed import unsharded
+from alignment.scale.distributed import on_rank_zero, unsharded
 from alignment.stages.common import (
     StageContext,
     find_reward_model,
@@ -87,9 +87,13 @@ def train_ppo(cfg: PPOConfig, ctx: StageContext) -> StageResult:
     metrics["stopped_early"] = history[-1].get("stopped_early")
     if ctx.cfg.eval.enabled:
         held, eval_cfg = data.held_out, ctx.cfg.eval
-        metrics.update(evaluate_held_out(policy, tokenizer, held, cfg=eval_cfg, seed=ctx.cfg.seed))
-        metrics["kl_to_parent"] = kl_to_reference(policy, reference, tokenizer, held, cfg=eval_cfg, seed=ctx.cfg.seed + 2)
-        metrics["reward_model_score"] = policy_reward_score(policy, tokenizer, reward_model, held, cfg=eval_cfg, seed=ctx.cfg.seed + 3)
+
+        def evaluate() -> dict[str, Any]:
+            return {**evaluate_held_out(policy, tokenizer, held, cfg=eval_cfg, seed=ctx.cfg.seed),
+                    "kl_to_parent": kl_to_reference(policy, reference, tokenizer, held, cfg=eval_cfg, seed=ctx.cfg.seed + 2),
+                    "reward_model_score": policy_reward_score(policy, tokenizer, reward_model, held, cfg=eval_cfg, seed=ctx.cfg.seed + 3)}
+
+        metrics.update(on_rank_zero(evaluate))  # rank 0 evaluates, every rank records
     return stage_result(ctx, cfg, saved=saved, data=data, metrics=metrics, inputs={"reward_model": reward_start.record()})
 
 
