@@ -7,19 +7,20 @@
 #   sudo slurm/local_cluster.sh status         # exit 0 when the cluster answers with usable nodes
 #   sudo slurm/local_cluster.sh stop           # stop the daemons, remove the namespaces and links
 #
-# Two nodes: slurmctld and munged run on the host; each node is a slurmd started with
-# nsenter and unshare inside a network namespace this script creates, with its
-# own hostname (nK) and address (10.213.0.1K) on a bridge (slurm-br0, 10.213.0.1 on the host side,
-# where the controller listens). Names resolve through /etc/netns/slurm-nK/hosts, mounted over
-# /etc/hosts for the node's processes (`ip netns exec slurm-n1 <command>` does the same). The nodes share the
-# filesystem, as cluster nodes share a network filesystem. Both nodes see all of this machine's
-# CPUs and memory (they are the same ones).
+# Two nodes: slurmctld and munged run on the host; each node is a `slurmd -N nK` started (nsenter,
+# unshare) inside a network namespace this script creates, with its own hostname (nK) and address
+# (10.213.0.1K) on a bridge (slurm-br0; its host side, 10.213.0.1, is where the controller
+# listens). Names resolve through /etc/netns/slurm-nK/hosts, mounted over /etc/hosts for the
+# node's processes (`ip netns exec slurm-n1 <command>` does the same). The nodes share the
+# filesystem, as cluster nodes share a network filesystem, and see all of this machine's CPUs and
+# memory (they are the same ones). Nothing is reachable beyond this machine.
 #
 # Partitions: `local` (the default, PriorityTier=1, PreemptMode=REQUEUE) and `high` (PriorityTier=2,
 # never preempted), over the same nodes: a job in `high` that needs a node held by a `local` job
 # preempts it. A preempted, requeued (`scontrol requeue`) or cancelled job gets SIGTERM, then
-# KillWait seconds before SIGKILL: the time its ranks have to write a checkpoint. GraceTime
-# stays 0: with a grace time Slurm would only signal the job and requeue it when the grace time ends.
+# KillWait seconds before SIGKILL: the time its ranks have to write a checkpoint. GraceTime stays
+# 0 (with one, Slurm 22.05 sends SIGTERM to the job's steps only and requeues the job when the
+# grace time ends).
 #
 # Installs slurm-wlm and munge with apt-get when missing; writes /etc/slurm/slurm.conf; creates a
 # munge key. Does nothing when the cluster asked for already answers with usable nodes and this
@@ -39,7 +40,7 @@ SUBNET=10.213.0
 CTLD_ADDR=$SUBNET.1
 # Seconds between SIGTERM and SIGKILL when a job is preempted, requeued or cancelled.
 KILL_WAIT=30
-NO_NAMESPACES_EXIT=3  # the fixture of tests/test_slurm.py falls back to --single-node on this code
+NO_NAMESPACES_EXIT=3  # tests/slurm_cluster.py falls back to --single-node on this code
 
 say() { echo "local_cluster: $*" >&2; }
 
@@ -196,9 +197,9 @@ MpiDefault=none
 KillWait=$KILL_WAIT
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-# A requeued job becomes eligible after cred_expire; the backfill pass (every 30 s by default)
-# is what starts it: every 2 s here.
-SchedulerParameters=bf_interval=2
+# A requeued job becomes eligible cred_expire + 1 s after the requeue, but nothing happens then
+# that would wake the scheduler: the periodic main pass starts it (every 60 s by default).
+SchedulerParameters=sched_interval=2
 $node_lines
 PartitionName=local Nodes=$nodes_csv Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE
 PartitionName=high Nodes=$nodes_csv MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF

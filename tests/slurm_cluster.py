@@ -58,6 +58,8 @@ def slurm_cluster() -> list[str]:
 @pytest.fixture(scope="session")
 def two_nodes(slurm_cluster) -> list[str]:
     """The two namespaced nodes of slurm/local_cluster.sh (skips where only one could be made)."""
+    if os.geteuid() != 0:
+        pytest.skip("the two-node tests need root: they look into the nodes' network namespaces and kill a node's processes")
     if len(slurm_cluster) < 2:
         pytest.skip(f"two Slurm nodes need network namespaces (ip netns add, unshare --uts), which this machine refused; "
                     f"the cluster has {slurm_cluster}")

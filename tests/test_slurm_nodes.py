@@ -101,7 +101,8 @@ def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(reference, 
     assert fields["JobState"] == "COMPLETED" and int(fields["Restarts"]) == 1, tail(log)
     stopped = re.search(r"sft: stopped at step (\d+) on SIGUSR1", text)
     assert stopped and 0 < int(stopped.group(1)) < STEPS, tail(log)
-    assert f"requeueing job {job_id}" in text
+    # Both nodes' ranks stopped after the checkpoint (exit 75), none was killed on the way out.
+    assert f"stopped after a checkpoint (exit 75): requeueing job {job_id}" in text, tail(log)
     assert f"resuming from {run_dir / 'sft' / 'trainer' / ('checkpoint-' + stopped.group(1))}" in text
     assert_same_weights(run_dir, reference)
 
@@ -121,6 +122,7 @@ def test_preemption_by_a_higher_priority_job_requeues_and_resumes(reference, tmp
     assert fields["JobState"] == "COMPLETED" and int(fields["Restarts"]) == 1, tail(log)
     assert job_fields(high)["JobState"] == "COMPLETED"
     assert f"JOB {job_id} ON n1 CANCELLED AT" in text and "DUE TO PREEMPTION" in text
+    assert "srun: error: n1: task 0: Exited with exit code 75" in text and "srun: error: n2: task 1: Exited with exit code 75" in text
     stopped = re.search(r"sft: stopped at step (\d+) on SIGTERM", text)
     assert stopped and 0 < int(stopped.group(1)) < STEPS, tail(log)
     assert f"resuming from {run_dir / 'sft' / 'trainer' / ('checkpoint-' + stopped.group(1))}" in text

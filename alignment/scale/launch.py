@@ -92,12 +92,15 @@ def launch(cfg: LauncherConfig, argv: list[str], *, threads_per_rank: int) -> in
             if proc.poll() is None:
                 proc.send_signal(signum)
 
-    # Kept until this process exits: under Slurm, srun answers the first node's exit with TERM to
-    # the other nodes, which can reach this launcher after its ranks have stopped with 75; the
-    # default handler would turn that 75 into "terminated" in srun's eyes.
     for sig in _FORWARDED:
         signal.signal(sig, forward)
-    return _wait(procs, first_rank=first, node=f"node {node_rank(cfg)}, host {socket.gethostname()}", received=received)
+    code = _wait(procs, first_rank=first, node=f"node {node_rank(cfg)}, host {socket.gethostname()}", received=received)
+    # The ranks have ended. Under Slurm, srun answers the first node's exit with TERM to the other
+    # nodes, which can reach this launcher while it exits (Python restores the default handlers
+    # then, but leaves ignored signals ignored): that would turn its exit code into "terminated".
+    for sig in _FORWARDED:
+        signal.signal(sig, signal.SIG_IGN)
+    return code
 
 
 def _wait(procs: list[subprocess.Popen], *, first_rank: int, node: str, received: list[str]) -> int:

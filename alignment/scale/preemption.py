@@ -10,6 +10,7 @@ requeues the job on that code. The requeued run skips finished stages and resume
 
 from __future__ import annotations
 
+import atexit
 import logging
 import signal
 
@@ -29,6 +30,16 @@ def install() -> None:
     """Catch the warning signals (call once, in the main thread, before training)."""
     for sig in _SIGNALS:
         signal.signal(sig, _on_signal)
+    atexit.register(_ignore_while_exiting)
+
+
+def _ignore_while_exiting() -> None:
+    # Python restores the default handlers while it shuts down (after atexit), and a stop signal
+    # arriving then would kill the process: under Slurm srun sends TERM to the other nodes as soon
+    # as the first rank exits with PREEMPTED_EXIT, and the exit code must stay 75. Ignored signals
+    # stay ignored.
+    for sig in _SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _on_signal(signum, _frame) -> None:
