@@ -14,7 +14,11 @@ fixed at submission, so every attempt of the job writes to the same run director
 Preemption: Slurm sends USR1 ``launcher.signal_seconds`` before the time limit; the ranks
 checkpoint and exit 75 (alignment/scale/preemption.py), and the script requeues the job (same job id,
 log appended) when ``launcher.requeue`` is true. The requeued attempt skips finished stages and
-resumes the interrupted one. ``scancel`` still cancels: the script does not requeue on TERM.
+resumes the interrupted one. Slurm's own preemption (PreemptMode=REQUEUE) and ``scontrol requeue``
+send TERM instead: the ranks checkpoint the same way within KillWait and Slurm requeues the job.
+``scancel`` still cancels: the script does not requeue on TERM. When a node fails, the job's log
+ends naming it and its ranks; ``sbatch <run dir>/slurm/job.sbatch`` resumes. All of this runs on
+two real Slurm nodes in tests/test_slurm_nodes.py (slurm/local_cluster.sh).
 """
 
 from __future__ import annotations
