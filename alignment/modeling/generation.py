@@ -184,6 +184,10 @@ def generate_ids(model, tokenizer, batch: list[list[int]], *, temperature: float
         max_new_tokens=max_new_tokens,
         pad_token_id=pad,
         eos_token_id=tokenizer.eos_token_id,
+        # transformers turns synced_gpus on whenever ZeRO-3 is configured: an all-reduce per token
+        # that would hang sampling done on rank 0 alone (on_rank_zero). The models sampled here
+        # hold whole weights (loaded whole, or gathered for PPO's rollouts), so no rank waits on another.
+        synced_gpus=False,
         **sampling,
     )
     responses = []
