@@ -43,10 +43,11 @@ class DeepSpeedConfig:
     zero_stage: int = 0  # 0: no DeepSpeed (plain data parallel when there are several processes)
     offload_optimizer: bool = False
     offload_params: bool = False  # stage 3 only
-    # With offload_optimizer: DeepSpeed's CPU Adam (a compiled extension, built on first use; several
-    # times faster than torch's AdamW on CPU tensors). None: on when there is a GPU, off on a CPU-only
-    # machine, where the GPU-side speed-up does not exist and the build would cost minutes.
-    cpu_adam: Optional[bool] = None
+    # With offload_optimizer: DeepSpeed's CPU Adam steps the offloaded states (a compiled extension,
+    # built on first use unless DeepSpeed was installed with DS_BUILD_CPU_ADAM=1; faster than torch's
+    # AdamW on CPU tensors). Off by default: no run here has used it yet (the build did not finish on
+    # the 2-core test machine), so torch's AdamW steps the offloaded states unless asked.
+    cpu_adam: bool = False
     # Overlap gradient reduction with the backward pass. None: on with CUDA (NCCL streams), off on
     # CPU (gloo has no separate stream to overlap on).
     overlap_comm: Optional[bool] = None

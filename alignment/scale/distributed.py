@@ -150,7 +150,7 @@ def deepspeed_config(ds: DeepSpeedConfig) -> Optional[dict[str, Any]]:
 
 def uses_cpu_adam(ds: DeepSpeedConfig) -> bool:
     """DeepSpeed's CPU Adam steps the offloaded optimizer states (``deepspeed.cpu_adam``)."""
-    return ds.zero_stage > 0 and ds.offload_optimizer and (torch.cuda.is_available() if ds.cpu_adam is None else ds.cpu_adam)
+    return ds.zero_stage > 0 and ds.offload_optimizer and ds.cpu_adam
 
 
 def is_zero3(model: torch.nn.Module) -> bool:
