@@ -25,8 +25,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.config import EvalConfig
-from alignment.data.plain_text import token_windows
-from alignment.data.sources import text_source_documents
+from alignment.data.sources import text_windows
 from alignment.data.stage_data import HeldOut, user_turn
 from alignment.data.suite import Example, verify
 from alignment.errors import DataError
@@ -80,14 +79,7 @@ def lm_text_perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     instruction tuning can erode. Each window's first token is context; every later one is scored."""
     out, total_nll, total_tokens = {}, 0.0, 0
     for path in cfg.lm_text:
-        windows, budget = [], cfg.lm_text_max_tokens
-        for document in text_source_documents(path):
-            for window in token_windows(document, tokenizer, max_tokens=cfg.lm_text_window_tokens):
-                if budget <= 1:
-                    break
-                windows.append(window[:budget])
-                budget -= len(windows[-1])
-        windows = [w for w in windows if len(w) >= 2]
+        windows = text_windows([path], tokenizer, max_tokens=cfg.lm_text_window_tokens, max_total=cfg.lm_text_max_tokens)
         rows_per_forward = max(1, 4096 // cfg.lm_text_window_tokens)  # bounds the [rows, tokens, vocab] logits
         logps = response_logps(model, [w[:1] for w in windows], [w[1:] for w in windows],
                                pad_token_id=tokenizer.pad_token_id, batch_size=rows_per_forward)

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from alignment.errors import CheckpointError
-from alignment.errors import CheckpointError
 from alignment.tracking.redaction import redact
 
 RESULT_FILE = "result.json"

@@ -18,7 +18,6 @@ from alignment.errors import DataError, StageError
 from alignment.evaluate import lm_text_perplexity
 from alignment.modeling.embedded import build_model, build_tokenizer
 from alignment.run import compose_config
-from conftest import TINY
 
 CHAT = [{"role": "user", "content": "Add: 2 3"}, {"role": "assistant", "content": "5"}]
 

@@ -14,6 +14,7 @@ Hydra composes the config, before anything is loaded.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -56,21 +57,8 @@ class AlignmentConfig:
     recipe: Optional[str] = None  # filled in from +recipe=NAME; recorded in every result.json
 
 
-GROUPS = {
-    "model": ModelConfig,
-    "data": DataConfig,
-    "sft": SFTConfig,
-    "reward": RewardConfig,
-    "dpo": DPOConfig,
-    "ppo": PPOConfig,
-    "grpo": GRPOConfig,
-    "rloo": RLOOConfig,
-    "self_instruct": SelfInstructConfig,
-    "eval": EvalConfig,
-    "deepspeed": DeepSpeedConfig,
-    "launcher": LauncherConfig,
-    "logger": LoggerConfig,
-}
+# Each config group: a field of AlignmentConfig whose default is one of the schema dataclasses.
+GROUPS = {f.name: f.default_factory for f in dataclasses.fields(AlignmentConfig) if dataclasses.is_dataclass(f.default_factory)}
 
 
 def register_schemas() -> None:

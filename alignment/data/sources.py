@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 from alignment.config import DataConfig, StageConfig
 from alignment.data.formats import FormatError, convert_rows
 from alignment.data.mixture import Source, mix
-from alignment.data.plain_text import SUITE_SOURCE, is_text_source, text_documents, txt_documents
+from alignment.data.plain_text import SUITE_SOURCE, is_text_source, text_documents, token_windows, txt_documents
 from alignment.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,23 @@ def text_source_documents(path: str) -> list[str]:
     if Path(path).suffix.lower() == ".txt":
         return txt_documents(path)
     return text_documents(load_rows(path, split="train"), source=path)
+
+
+def text_windows(paths: Sequence[str], tokenizer, *, max_tokens: int, max_total: Optional[int] = None) -> list[list[int]]:
+    """Token windows (:func:`alignment.data.plain_text.token_windows`) of every document of the
+    plain-text files ``paths``, in order; with ``max_total``, only their first ``max_total``
+    tokens (the last window cut short), and no document after those is tokenized."""
+    windows, budget = [], max_total
+    for path in paths:
+        for document in text_source_documents(path):
+            for window in token_windows(document, tokenizer, max_tokens=max_tokens):
+                if budget is not None:
+                    if budget <= 1:
+                        return [w for w in windows if len(w) >= 2]
+                    window = window[:budget]
+                    budget -= len(window)
+                windows.append(window)
+    return [w for w in windows if len(w) >= 2]
 
 
 def _convert(raw: list[dict[str, Any]], *, kind: str, source: str, fmt: Optional[str], columns) -> tuple[list[dict[str, Any]], dict[str, int]]:

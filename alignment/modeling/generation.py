@@ -190,7 +190,10 @@ def generate_ids(model, tokenizer, batch: list[list[int]], *, temperature: float
         synced_gpus=False,
         **sampling,
     )
-    responses = []
-    for row in out[:, width:].tolist():
-        responses.append(row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row)
-    return responses
+    return [cut_after_eos(row, tokenizer.eos_token_id) for row in out[:, width:].tolist()]
+
+
+def cut_after_eos(ids: Sequence[int], eos: int) -> list[int]:
+    """A sampled reply up to and including its first end-of-sequence token (all of it without one)."""
+    ids = list(ids)
+    return ids[: ids.index(eos) + 1] if eos in ids else ids

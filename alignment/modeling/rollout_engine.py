@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from alignment.modeling.generation import generate_ids
+from alignment.modeling.generation import cut_after_eos, generate_ids
 from alignment.scale import distributed
 
 
@@ -78,7 +78,7 @@ class VLLMRollouts:
         with engine.sampling_policy():
             self.vllm.sync_weights()
         _, completions, _, _ = self.vllm.generate(prompt_ids, images=None, num_generations=1)
-        return [list(c[: list(c).index(self.eos) + 1]) if self.eos in c else list(c) for c in completions]
+        return [cut_after_eos(c, self.eos) for c in completions]
 
 
 def rollout_engine(policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, use_vllm: bool, temperature: float,

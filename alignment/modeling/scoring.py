@@ -19,7 +19,7 @@ template writes after it; sampled replies that ended get that same template tail
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -120,3 +120,13 @@ def score_responses(model: PreTrainedModel, prompt_ids: Sequence[list[int]], rep
                           pad_token_id=pad_token_id).to(device)
             scores.append(sequence_scores(model, packed).cpu())
     return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def plain_text_nll(logprobs_of: Callable[[Packed], torch.Tensor], windows: Sequence[list[int]], *, pad_token_id: int,
+                   device: torch.device) -> torch.Tensor:
+    """Mean negative log-likelihood per token of plain-text windows (each window's first token is
+    context), the language-modelling loss of PPO-ptx. ``logprobs_of`` maps a packed batch to its
+    per-token log-probs at temperature 1 (the policy itself, or PPO's engine, which gathers
+    ZeRO-3 weights as for the PPO loss)."""
+    packed = pack([w[:1] for w in windows], [w[1:] for w in windows], pad_token_id=pad_token_id).to(device)
+    return -(logprobs_of(packed) * packed.mask).sum() / packed.mask.sum()

@@ -22,14 +22,13 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, Trainer
 
 from alignment.config import OnlineRLConfig
-from alignment.data.plain_text import token_windows
-from alignment.data.sources import text_source_documents
+from alignment.data.sources import text_windows
 from alignment.data.stage_data import prompt_data
 from alignment.errors import StageError
 from alignment.evaluate import evaluate_held_out, kl_to_reference, policy_reward_score
 from alignment.modeling import lora
 from alignment.modeling.loading import load_reward_model
-from alignment.modeling.scoring import pack, policy_forward
+from alignment.modeling.scoring import plain_text_nll, policy_forward
 from alignment.rewards.functions import build_rewards, reward_model_reward
 from alignment.rewards.preflight import run_preflight
 from alignment.scale.distributed import on_rank_zero, unsharded
@@ -100,8 +99,7 @@ def build_trainer(cfg: OnlineRLConfig, ctx: StageContext, prepared: Prepared, *,
         **specific,
     )
     if cfg.ptx_coef > 0:  # PPO-ptx's pre-training term, added to TRL's loss (with_pretraining_term)
-        windows = [w for path in cfg.ptx_text for doc in text_source_documents(path)
-                   for w in token_windows(doc, prepared.tokenizer, max_tokens=cfg.ptx_window_tokens)]
+        windows = text_windows(cfg.ptx_text, prepared.tokenizer, max_tokens=cfg.ptx_window_tokens)
         trainer_class = with_pretraining_term(trainer_class, windows, coef=cfg.ptx_coef, batch_size=cfg.ptx_batch_size,
                                               pad_token_id=prepared.tokenizer.pad_token_id, seed=ctx.cfg.seed)
     return trainer_class(model=prepared.model, reward_funcs=[r.fn for r in rewards], args=args,
@@ -124,9 +122,8 @@ def with_pretraining_term(trainer_class: type, windows: list[list[int]], *, coef
             self._ptx_call += 1
             generator = torch.Generator().manual_seed(hash((seed, self._ptx_step, self._ptx_call)) % (1 << 62))
             drawn = [windows[i] for i in torch.randint(len(windows), (batch_size,), generator=generator).tolist()]
-            packed = pack([w[:1] for w in drawn], [w[1:] for w in drawn], pad_token_id=pad_token_id).to(self.accelerator.device)
-            logprobs, _ = policy_forward(model, packed, temperature=1.0)
-            ptx = -(logprobs * packed.mask).sum() / packed.mask.sum()
+            ptx = plain_text_nll(lambda packed: policy_forward(model, packed, temperature=1.0)[0], drawn, pad_token_id=pad_token_id,
+                                 device=self.accelerator.device)
             self._metrics["train" if model.training else "eval"]["ptx_loss"].append(float(ptx.detach()))
             return loss + coef * ptx
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from alignment.config import PPOConfig
 from alignment.errors import NonFiniteLoss
 from alignment.modeling.rollout_engine import RolloutEngine
-from alignment.modeling.scoring import Packed, pack, select
+from alignment.modeling.scoring import Packed, plain_text_nll, select
 from alignment.scale import checkpoints, distributed, preemption
 from alignment.stages.ppo import maths as pm
 from alignment.stages.ppo.engine import PPOEngine, load_loop, save_loop
@@ -122,7 +122,8 @@ def _optimise(cfg: PPOConfig, rollout: dict[str, Any], *, engine: PPOEngine, gen
                 losses = _micro_batch_loss(cfg, rollout, chunk, engine=engine, n_update=n_updates + 1)
                 if cfg.ptx_coef > 0:
                     drawn = torch.randint(len(ptx_windows), (cfg.ptx_batch_size,), generator=generator).tolist()
-                    ptx = _ptx_loss([ptx_windows[i] for i in drawn], engine=engine, pad_token_id=pad_token_id)
+                    ptx = plain_text_nll(lambda packed: engine(packed, temperature=1.0)[0], [ptx_windows[i] for i in drawn],
+                                         pad_token_id=pad_token_id, device=next(engine.policy.parameters()).device)
                     losses.update(loss=losses["loss"] + cfg.ptx_coef * ptx, **{"loss/ptx": ptx})
                 engine.backward(losses["loss"], weight=weight, micro_batches=len(chunks))
                 for name, value in losses.items():
@@ -134,14 +135,6 @@ def _optimise(cfg: PPOConfig, rollout: dict[str, Any], *, engine: PPOEngine, gen
                 sums[name] = sums.get(name, 0.0) + value
             n_updates += 1
     return {name: total / n_updates for name, total in sums.items()}
-
-
-def _ptx_loss(windows: list[list[int]], *, engine: PPOEngine, pad_token_id: int) -> torch.Tensor:
-    """Mean negative log-likelihood per token of plain-text windows under the policy (temperature
-    1: the pre-training objective), through the engine so ZeRO-3 gathers as for the PPO loss."""
-    packed = pack([w[:1] for w in windows], [w[1:] for w in windows], pad_token_id=pad_token_id).to(next(engine.policy.parameters()).device)
-    logprobs, _ = engine(packed, temperature=1.0)
-    return -(logprobs * packed.mask).sum() / packed.mask.sum()
 
 
 def _micro_batch_loss(cfg: PPOConfig, rollout: dict[str, Any], index: torch.Tensor, *, engine: PPOEngine, n_update: int) -> dict[str, Any]:

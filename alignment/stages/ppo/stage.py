@@ -22,8 +22,7 @@ from typing import Any
 from transformers import AutoModelForCausalLM
 
 from alignment.config import PPOConfig
-from alignment.data.plain_text import token_windows
-from alignment.data.sources import text_source_documents
+from alignment.data.sources import text_windows
 from alignment.data.stage_data import prompt_data
 from alignment.errors import StageError
 from alignment.evaluate import evaluate_held_out, kl_to_reference, policy_reward_score
@@ -75,8 +74,7 @@ def train_ppo(cfg: PPOConfig, ctx: StageContext) -> StageResult:
     sampler = rollout_engine(policy, tokenizer, use_vllm=cfg.use_vllm, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                              max_model_tokens=cfg.max_prompt_tokens + cfg.max_new_tokens,
                              gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)  # HF generate, or vLLM as GRPO uses it
-    ptx_windows = [w for path in cfg.ptx_text for doc in text_source_documents(path)
-                   for w in token_windows(doc, tokenizer, max_tokens=cfg.ptx_window_tokens)] if cfg.ptx_coef > 0 else []
+    ptx_windows = text_windows(cfg.ptx_text, tokenizer, max_tokens=cfg.ptx_window_tokens) if cfg.ptx_coef > 0 else []
     history = ppo_loop(cfg, ctx, engine=engine, sampler=sampler, reference=reference, reward_model=reward_model, tokenizer=tokenizer,
                        prompts=prompts, examples=examples, ptx_windows=ptx_windows)
 
