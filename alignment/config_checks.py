@@ -44,8 +44,8 @@ def check_config(cfg: AlignmentConfig) -> None:
         if train.learning_rate <= 0:
             raise StageError(f"{stage}.learning_rate={train.learning_rate} must be > 0")
         if isinstance(train, TrainConfig):
-            for name in ("per_device_batch_size", "gradient_accumulation_steps", "max_seq_tokens"):
-                if getattr(train, name) <= 0:
+            for name in ("per_device_batch_size", "gradient_accumulation_steps", "global_batch_size", "max_seq_tokens"):
+                if getattr(train, name) is not None and getattr(train, name) <= 0:
                     raise StageError(f"{stage}.{name}={getattr(train, name)} must be > 0")
             if train.max_steps <= 0 and train.num_epochs <= 0:
                 raise StageError(f"{stage}: set {stage}.num_epochs > 0 or {stage}.max_steps > 0")
@@ -140,10 +140,26 @@ def batch_plan(cfg: AlignmentConfig) -> list[str]:
         elif isinstance(train, SelfInstructConfig):
             lines.append(f"{stage}: {train.instructions_per_round} instructions written per round, in one process")
         else:
-            global_batch = train.per_device_batch_size * train.gradient_accumulation_steps * world
-            lines.append(f"{stage}: {train.per_device_batch_size} per device x {train.gradient_accumulation_steps} accumulation x "
-                         f"{world} processes = {global_batch} sequences per step")
+            forward, accumulation = train.split_batch(world)
+            lines.append(f"{stage}: {forward} per device x {accumulation} accumulation x {world} processes = "
+                         f"{forward * accumulation * world} sequences per step")
     return lines
+
+
+def _check_global_batch(stage: str, train: TrainConfig, world: int) -> None:
+    """A global batch that splits evenly over the processes, and accumulation set in one way only."""
+    if train.global_batch_size is None:
+        return
+    if train.gradient_accumulation_steps is not None:
+        raise StageError(f"{stage}.gradient_accumulation_steps={train.gradient_accumulation_steps} and {stage}.global_batch_size="
+                         f"{train.global_batch_size} are both set: accumulation is derived from the global batch, the processes and "
+                         f"{stage}.per_device_batch_size; drop gradient_accumulation_steps (or set {stage}.global_batch_size=null to "
+                         f"count the batch per device)")
+    if train.global_batch_size % world:
+        below, above = world * (train.global_batch_size // world), world * (train.global_batch_size // world + 1)
+        raise StageError(f"{stage}.global_batch_size={train.global_batch_size} does not split evenly over {world} processes: set "
+                         f"{stage}.global_batch_size to a multiple of {world} ({', '.join(str(b) for b in (below, above) if b)}), or run "
+                         f"on a process count that divides it")
 
 
 def _validate_scale_out(cfg: AlignmentConfig) -> None:
@@ -170,16 +186,7 @@ def _validate_scale_out(cfg: AlignmentConfig) -> None:
             raise StageError(f"{stage}.save_every_n_steps must be >= 0 and {stage}.keep_checkpoints >= 1")
         if not isinstance(train, TrainConfig):
             continue
-        global_batch = train.per_device_batch_size * train.gradient_accumulation_steps * world
-        if train.global_batch_size is not None and train.global_batch_size != global_batch:
-            per_step = train.per_device_batch_size * world
-            hint = (f"set {stage}.gradient_accumulation_steps={train.global_batch_size // per_step}" if train.global_batch_size % per_step == 0
-                    else f"pick a global batch that is a multiple of {per_step} (per device x processes)")
-            raise StageError(
-                f"{stage}: per_device_batch_size {train.per_device_batch_size} x gradient_accumulation_steps "
-                f"{train.gradient_accumulation_steps} x {world} processes = {global_batch}, but {stage}.global_batch_size="
-                f"{train.global_batch_size}; {hint}"
-            )
+        _check_global_batch(stage, train, world)
     _validate_ppo(cfg.ppo, world=world, used="ppo" in cfg.stages)
     if cfg.model.peft not in (None, "lora", "qlora"):
         raise StageError(f"model.peft={cfg.model.peft!r}: use lora, qlora, or leave it unset for full fine-tuning")
@@ -232,11 +239,12 @@ def _check_online_rl(cfg: AlignmentConfig, stage: str) -> None:
     if rl.num_generations < 2:
         raise StageError(f"{stage}.num_generations={rl.num_generations} must be >= 2: the baseline is the other replies to the same prompt")
     world = planned_world_size(cfg)
-    if (rl.per_device_batch_size * world) % rl.num_generations:
-        raise StageError(f"{stage}: per_device_batch_size {rl.per_device_batch_size} x {world} processes = "
-                         f"{rl.per_device_batch_size * world} replies per step is not a multiple of {stage}.num_generations="
-                         f"{rl.num_generations} (each prompt's group must be whole); e.g. {stage}.per_device_batch_size="
-                         f"{rl.num_generations * max(1, rl.per_device_batch_size // rl.num_generations)}")
+    _check_global_batch(stage, rl, world)
+    replies = rl.sequences_per_step(world)
+    if replies % rl.num_generations:
+        raise StageError(f"{stage}: {replies} replies per step over {world} processes "
+                         f"is not a multiple of {stage}.num_generations={rl.num_generations} (each prompt's group must be whole); "
+                         f"e.g. {stage}.global_batch_size={rl.num_generations * max(1, replies // rl.num_generations)}")
     if rl.max_new_tokens < 1 or rl.max_seq_tokens - rl.max_new_tokens < MIN_SEQ_TOKENS:
         raise StageError(f"{stage}: max_seq_tokens={rl.max_seq_tokens} must leave at least {MIN_SEQ_TOKENS} prompt tokens after "
                          f"max_new_tokens={rl.max_new_tokens} (and max_new_tokens >= 1)")

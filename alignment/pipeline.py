@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from alignment.config import AlignmentConfig, StageConfig
+from alignment.config import AlignmentConfig, StageConfig, TrainConfig
 from alignment.data.stage_data import source_fingerprint
 from alignment.records import (
     RESULT_FILE,
@@ -185,7 +185,7 @@ def _run_stage(stage: str, stage_cfg: StageConfig, ctx: StageContext, key: str, 
                 checkpoint_hash=None, parent_stage=ctx.start.parent_stage, parent_checkpoint=ctx.start.path,
                 parent_checkpoint_hash=ctx.start.hash, data_fingerprint=None, inputs_hash=key,
                 config=dataclasses.asdict(stage_cfg), wall_seconds=time.monotonic() - started, versions=package_versions(),
-                git_commit=git_commit(), error=f"{type(err).__name__}: {err}", launch=launch_record(ctx.cfg),
+                git_commit=git_commit(), error=f"{type(err).__name__}: {err}", launch=launch_record(ctx.cfg, stage_cfg),
             )
             atomic_write_json(ctx.stage_dir / RESULT_FILE, failed.to_dict())
         raise
@@ -194,7 +194,7 @@ def _run_stage(stage: str, stage_cfg: StageConfig, ctx: StageContext, key: str, 
     result.wall_seconds = time.monotonic() - started
     result.versions = package_versions()
     result.git_commit = git_commit()
-    result.launch = launch_record(ctx.cfg)
+    result.launch = launch_record(ctx.cfg, stage_cfg)
     if distributed.is_main():
         atomic_write_json(ctx.stage_dir / RESULT_FILE, result.to_dict())
         # The stage is committed: its mid-stage checkpoints (optimizer states included, several
@@ -205,12 +205,17 @@ def _run_stage(stage: str, stage_cfg: StageConfig, ctx: StageContext, key: str, 
     return result
 
 
-def launch_record(cfg: AlignmentConfig) -> dict:
-    """How the stage ran: processes, ZeRO stage and, under Slurm, the job (its id survives requeues)."""
+def launch_record(cfg: AlignmentConfig, stage_cfg: StageConfig) -> dict:
+    """How the stage ran: processes, its batch split over them, ZeRO stage and, under Slurm, the
+    job (its id survives requeues)."""
     env = os.environ
     record = {"world_size": distributed.world_size(), "nnodes": cfg.launcher.nnodes, "zero_stage": cfg.deepspeed.zero_stage,
               "offload_optimizer": cfg.deepspeed.offload_optimizer, "offload_params": cfg.deepspeed.offload_params,
               "peft": cfg.model.peft}
+    if isinstance(stage_cfg, TrainConfig):
+        forward, accumulation = stage_cfg.split_batch(distributed.world_size())
+        record["batch"] = {"global": stage_cfg.sequences_per_step(distributed.world_size()), "per_device": forward,
+                           "accumulation": accumulation}
     if "SLURM_JOB_ID" in env:
         record["slurm"] = {"job_id": env["SLURM_JOB_ID"], "restart_count": int(env.get("SLURM_RESTART_COUNT", "0")),
                            "nodelist": env.get("SLURM_JOB_NODELIST"), "partition": env.get("SLURM_JOB_PARTITION")}

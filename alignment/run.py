@@ -162,13 +162,13 @@ def _hydra_main(raw: DictConfig) -> None:
     try:
         cfg = typed_config(raw)
         check_config(cfg)
+        log.info("batch sizes: %s", "; ".join(batch_plan(cfg)))
         if cfg.launcher.name == "slurm":
             from alignment.scale.slurm import submit
 
             submit(cfg, argv=sys.argv[1:])
             return
         if needs_launch(cfg.launcher):
-            log.info("batch sizes: %s", "; ".join(batch_plan(cfg)))
             code = launch(cfg.launcher, sys.argv[1:], threads_per_rank=threads_per_process(cfg.num_threads, cfg.launcher.nproc_per_node))
             if code:
                 raise SystemExit(code)

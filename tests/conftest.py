@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -33,15 +34,32 @@ TINY = [
     "data.suite.n_train=256",
     "data.suite.n_eval=14",
     "sft.max_steps=4",
-    "sft.per_device_batch_size=16",
+    "sft.global_batch_size=16",
     "dpo.max_steps=3",
-    "dpo.per_device_batch_size=8",
+    "dpo.global_batch_size=8",
     "dpo.pairs.n_prompts=32",
     "eval.samples_per_prompt=2",
     "eval.max_new_tokens=8",
     "num_threads=1",
     "logger=none",  # no W&B files, and never the network, unless a test asks for a logger
 ]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now: a two-rank run's rendezvous, so that tests running at
+    the same time (pytest-xdist workers) never share one."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (the README's `-n auto --dist loadgroup`), every Slurm test runs on one
+    worker: they share one cluster (a session fixture starts it), which two workers would each try
+    to start."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 @pytest.fixture

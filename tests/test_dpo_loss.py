@@ -48,7 +48,7 @@ def _pipeline_dpo_trainer(tmp_path, model, tok, rows, *overrides, sft_loss_weigh
     from alignment.stages.common import StageContext, StartPoint
     from alignment.stages.trl_stage import Prepared
 
-    cfg = compose_config(["+recipe=sft_then_dpo", "logger=none", f"dpo.sft_loss_weight={sft_loss_weight}", "dpo.per_device_batch_size=8",
+    cfg = compose_config(["+recipe=sft_then_dpo", "logger=none", f"dpo.sft_loss_weight={sft_loss_weight}", "dpo.global_batch_size=8",
                           *overrides])
     ctx = StageContext(cfg=cfg, run_dir=tmp_path, stage_dir=tmp_path / "dpo", stage="dpo", start=StartPoint(None, None), is_first=False)
     data = StageData(train=Dataset.from_list(rows), held_out=HeldOut(), fingerprint="test", counts={})

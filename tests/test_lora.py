@@ -27,7 +27,7 @@ from alignment.modeling.embedded import build_model, build_tokenizer
 from conftest import is_share_of, TINY
 
 LORA = ["model.peft=lora", "model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0.0"]
-RM = ["reward.max_steps=3", "reward.per_device_batch_size=8", "reward.pairs.n_prompts=32"]
+RM = ["reward.max_steps=3", "reward.global_batch_size=8", "reward.pairs.n_prompts=32"]
 TINY_MODEL = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 
 

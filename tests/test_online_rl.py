@@ -22,8 +22,8 @@ from conftest import TINY
 
 pytestmark = pytest.mark.integration
 
-ONLINE = ["grpo.max_steps=3", "grpo.per_device_batch_size=8", "grpo.num_generations=4", "grpo.max_new_tokens=8", "grpo.n_prompts=64",
-          "grpo.preflight_prompts=4", "grpo.logging_every_n_steps=1", "rloo.logging_every_n_steps=1", "rloo.max_steps=3", "rloo.per_device_batch_size=8", "rloo.num_generations=4",
+ONLINE = ["grpo.max_steps=3", "grpo.global_batch_size=8", "grpo.num_generations=4", "grpo.max_new_tokens=8", "grpo.n_prompts=64",
+          "grpo.preflight_prompts=4", "grpo.logging_every_n_steps=1", "rloo.logging_every_n_steps=1", "rloo.max_steps=3", "rloo.global_batch_size=8", "rloo.num_generations=4",
           "rloo.max_new_tokens=8", "rloo.n_prompts=64", "rloo.preflight_prompts=4"]
 
 
@@ -80,7 +80,7 @@ def test_preflight_can_be_switched_off(run_recipe):
 
 def test_grpo_against_the_chains_reward_model_with_weights(run_recipe):
     """sft_rm_grpo: the reward stage's model scores the sampled ids; a user function joins it with a weight."""
-    _, results = run_recipe("sft_rm_grpo", *ONLINE, "reward.max_steps=2", "reward.per_device_batch_size=8",
+    _, results = run_recipe("sft_rm_grpo", *ONLINE, "reward.max_steps=2", "reward.global_batch_size=8",
                             "reward.pairs.n_prompts=16", "grpo.preflight=false",
                             "grpo.rewards=[{name: reward_model}, {name: reward_fns:brevity, weight: 0.01}]")
     grpo = results[2]

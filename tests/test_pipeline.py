@@ -135,7 +135,7 @@ def test_multirun_gives_each_job_its_own_run(tmp_path):
     assert rates == [0.001, 0.002]
 
 
-RM = ["reward.max_steps=3", "reward.per_device_batch_size=8", "reward.pairs.n_prompts=32"]
+RM = ["reward.max_steps=3", "reward.global_batch_size=8", "reward.pairs.n_prompts=32"]
 PPO = ["ppo.num_rollouts=2", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.n_prompts=64"]
 
 

@@ -119,7 +119,7 @@ def test_fallback_template_ends_replies_with_the_tokenizers_eos(stories):
 def test_sft_with_the_fallback_template_learns_to_stop(stories, run_recipe):
     """SFT of stories260K (a base model: 0 of its samples end with EOS) on the suite through the
     pipeline: afterwards its replies end with the tokenizer's EOS."""
-    _, (sft,) = run_recipe("sft", "model=hf", f"model.name_or_path={stories}", "sft.max_steps=150", "sft.per_device_batch_size=32",
+    _, (sft,) = run_recipe("sft", "model=hf", f"model.name_or_path={stories}", "sft.max_steps=150", "sft.global_batch_size=32", "sft.per_device_batch_size=32",
                            "sft.learning_rate=3e-3", "sft.max_seq_tokens=128", "data.suite.n_eval=56", "eval.max_new_tokens=16",
                            "sft.logging_every_n_steps=50")
     assert sft.start_metrics["eos_rate"] < 0.2
@@ -268,7 +268,7 @@ def test_smollm2_gguf_through_a_lora_sft_stage(run_recipe, tmp_path):
 
     path = shared("models", GGUF)
     _, (sft,) = run_recipe("sft", "model=smollm2", f"model.name_or_path={path.parent}", f"model.gguf_file={path.name}",
-                           "sft.max_steps=1", "sft.per_device_batch_size=2", "eval.enabled=false")
+                           "sft.max_steps=1", "sft.global_batch_size=2", "eval.enabled=false")
     assert sft.parent_checkpoint == str(path.parent.resolve()) and sft.inputs["peft"]["base_gguf_file"] == path.name
     merged = AutoModelForCausalLM.from_pretrained(sft.checkpoint)
     assert merged.config.vocab_size == 49152 and (Path(sft.checkpoint) / "model.safetensors").is_file()

@@ -134,7 +134,7 @@ def test_directory_without_pipeline_json_exits_1(tmp_path):
 @pytest.mark.integration
 def test_report_from_a_finished_ppo_run(run_recipe, tmp_path, capsys):
     cfg, _ = run_recipe("sft_rm_ppo", "ppo.num_rollouts=3", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.n_prompts=64",
-                        "reward.max_steps=3", "reward.per_device_batch_size=8", "reward.pairs.n_prompts=32", "sft.logging_every_n_steps=1")
+                        "reward.max_steps=3", "reward.global_batch_size=8", "reward.pairs.n_prompts=32", "sft.logging_every_n_steps=1")
     report = Path(cfg.output_dir).resolve() / cfg.run_name / "report" / "report.md"
     assert f"report: {report}" in capsys.readouterr().out
     text = report.read_text()

@@ -25,14 +25,14 @@ from alignment.scale import checkpoints, preemption as preempt
 from alignment.errors import CheckpointError, NonFiniteLoss
 from alignment.scale.checkpoints import MARKER
 from alignment.records import read_result
-from conftest import TINY
+from conftest import TINY, free_port
 
 pytestmark = pytest.mark.integration
 
 # The embedded default model for 60 steps (about 3.5 s of training on one core): long enough to
 # interrupt from outside, short enough to stay quick.
 LONG_SFT = ["data.suite.n_train=512", "data.suite.n_eval=14", "sft.max_steps=60", "sft.save_every_n_steps=10",
-            "sft.per_device_batch_size=16", "eval.enabled=false", "num_threads=1", "logger=none"]
+            "sft.global_batch_size=16", "eval.enabled=false", "num_threads=1", "logger=none"]
 
 
 def _command(out: Path, *extra: str) -> list[str]:
@@ -197,7 +197,7 @@ def test_stop_request_checkpoints_and_resume_is_exact_for_ppo(tmp_path, run_reci
     """PPO's own loop: a stop after rollout 2 writes checkpoint-2; the rerun resumes there and
     ends with the same policy as an uninterrupted run."""
     ppo = ["ppo.num_rollouts=4", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.n_prompts=64",
-           "reward.max_steps=2", "reward.pairs.n_prompts=32", "reward.per_device_batch_size=8", "eval.enabled=false"]
+           "reward.max_steps=2", "reward.pairs.n_prompts=32", "reward.global_batch_size=8", "eval.enabled=false"]
     run_recipe("sft_rm_ppo", *ppo, output_dir=tmp_path / "plain")
     from alignment.stages.ppo import health
 
@@ -230,7 +230,7 @@ def test_sigusr1_on_two_ranks_stops_both_at_one_step_then_resumes_exactly(tmp_pa
     step and checkpoint, the command exits 75 (requeue me), and a rerun finishes like an
     uninterrupted one-process run with the same global batch."""
     out = tmp_path / "out"
-    command = _command(out, "launcher.nproc_per_node=2", "sft.per_device_batch_size=8")
+    command = _command(out, "launcher.nproc_per_node=2", f"launcher.master_port={free_port()}")
     proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for(out / "sft" / "sft" / "trainer" / "checkpoint-10" / MARKER, proc)
     proc.send_signal(signal.SIGUSR1)
@@ -254,7 +254,7 @@ def test_sigusr1_on_two_ranks_stops_both_at_one_step_then_resumes_exactly(tmp_pa
 # DPO on an SFT checkpoint with 64 pair-sampling batches (of 16 replies): long enough to stop
 # from outside while it samples.
 SAMPLED_DPO = ["+recipe=dpo", "data.suite.n_train=512", "data.suite.n_eval=14", "dpo.pairs.n_prompts=256", "dpo.pairs.batch_size=16",
-               "dpo.max_steps=3", "dpo.per_device_batch_size=8", "eval.enabled=false", "num_threads=1", "logger=none"]
+               "dpo.max_steps=3", "dpo.global_batch_size=8", "eval.enabled=false", "num_threads=1", "logger=none"]
 
 
 def test_sigterm_while_sampling_pairs_stops_in_seconds_and_the_rerun_reuses_the_pairs(tmp_path, reference_run):

@@ -229,7 +229,7 @@ def test_offline_runs_line_up_with_group_job_type_metrics_and_lineage(run_recipe
     assert [a.name for a in d.artifacts if not a.use_after_commit] == ["sft_then_dpo-dpo"]
 
 
-RM = ["reward.max_steps=2", "reward.per_device_batch_size=8", "reward.pairs.n_prompts=32"]
+RM = ["reward.max_steps=2", "reward.global_batch_size=8", "reward.pairs.n_prompts=32"]
 PPO = ["ppo.num_rollouts=2", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.n_prompts=64"]
 
 

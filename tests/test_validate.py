@@ -52,7 +52,7 @@ def test_gpt2_tokenizer_through_sft_and_dpo_on_real_files(tmp_path, run_recipe):
         "sft_then_dpo", "model=hf", f"model.name_or_path={model_dir}", f"data={shared('alpaca_en_demo.json')}",
         f"dpo.data_path={shared('dpo_en_demo.json')}", "sft.max_seq_tokens=512", "dpo.max_seq_tokens=1024",
         "data.max_drop_share=0.5", "data.over_length=drop", "data.max_eval_rows=4", "eval.max_new_tokens=4",
-        "sft.per_device_batch_size=2", "dpo.per_device_batch_size=2", "sft.max_steps=2", "dpo.max_steps=2", "eval.batch_size=8",
+        "sft.global_batch_size=2", "dpo.global_batch_size=2", "sft.max_steps=2", "dpo.max_steps=2", "eval.batch_size=8",
     )
     assert sft.data["format:alpaca"] == 999 and sft.data["checks"]["rows_kept"] > 800
     assert dpo.data["format:sharegpt_preference"] == 300 and dpo.data["checks"]["rows_read"] == 300

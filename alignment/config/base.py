@@ -154,11 +154,14 @@ class StageConfig:
 class TrainConfig(StageConfig):
     """A stage trained by a TRL trainer over a dataset: batches, epochs, schedule, lengths."""
 
-    per_device_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    # Optional: the sequences per optimiser step you intend. When set it must equal
-    # per_device_batch_size x gradient_accumulation_steps x processes, checked before launch.
-    global_batch_size: Optional[int] = None
+    # Sequences per optimiser step over all processes (pairs for reward and DPO, replies for GRPO
+    # and RLOO), so that a recipe trains the same model at any process count: each process takes
+    # global_batch_size / processes per step, in forwards of at most per_device_batch_size (the
+    # largest such that divides it), accumulating gradients over the rest (split_batch below; the
+    # plan is logged at launch). null: per_device_batch_size x gradient_accumulation_steps x processes.
+    global_batch_size: Optional[int] = 32
+    per_device_batch_size: int = 8  # the most sequences one device runs in one forward
+    gradient_accumulation_steps: Optional[int] = None  # only with global_batch_size=null (then default 1)
     num_epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides num_epochs
     warmup_ratio: float = 0.03
@@ -167,3 +170,21 @@ class TrainConfig(StageConfig):
     # unless memory needs it (TRL's configs turn it on by default; we say it here instead).
     gradient_checkpointing: bool = False
     max_seq_tokens: int = 1024  # prompt + response, in tokens
+
+    def split_batch(self, world: int) -> tuple[int, int]:
+        """(sequences per forward on each device, forwards accumulated per optimiser step) for
+        ``world`` processes; a global batch that does not split evenly over them is an error that
+        names the key (checked before launch: alignment/config_checks.py)."""
+        if self.global_batch_size is None:
+            return self.per_device_batch_size, self.gradient_accumulation_steps or 1
+        per_process, uneven = divmod(self.global_batch_size, world)
+        if uneven or not per_process:
+            raise ValueError(f"global_batch_size={self.global_batch_size} does not split evenly over {world} processes: pick a "
+                             f"multiple of {world}")
+        forward = max(d for d in range(1, min(self.per_device_batch_size, per_process) + 1) if per_process % d == 0)
+        return forward, per_process // forward
+
+    def sequences_per_step(self, world: int) -> int:
+        """Sequences in one optimiser step over all ``world`` processes."""
+        forward, accumulation = self.split_batch(world)
+        return forward * accumulation * world

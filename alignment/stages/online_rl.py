@@ -31,7 +31,7 @@ from alignment.modeling.loading import load_reward_model
 from alignment.modeling.scoring import plain_text_nll, policy_forward
 from alignment.rewards.functions import build_rewards, reward_model_reward
 from alignment.rewards.preflight import run_preflight
-from alignment.scale.distributed import on_rank_zero, unsharded
+from alignment.scale.distributed import on_rank_zero, unsharded, world_size
 from alignment.stages.common import StageContext, find_reward_model, load_policy, place, require_policy_start
 from alignment.stages.trl_stage import Prepared, trainer_kwargs
 
@@ -44,7 +44,7 @@ def prepare(cfg: OnlineRLConfig, ctx: StageContext, tokenizer: PreTrainedTokeniz
     """Prompts (checked before any model loads), the rewards, the policy; then the pre-flight."""
     require_policy_start(ctx)
     messages, examples, data = prompt_data(ctx.cfg.data, cfg, stage=ctx.stage, n_prompts=cfg.n_prompts, max_prompt_tokens=max_prompt_tokens(cfg),
-                                           min_prompts=max(1, cfg.per_device_batch_size // cfg.num_generations), seed=ctx.cfg.seed,
+                                           min_prompts=max(1, cfg.sequences_per_step(world_size()) // cfg.num_generations), seed=ctx.cfg.seed,
                                            tokenizer=tokenizer)
     columns: dict[str, list] = {"example_index": list(range(len(messages)))}
     references = [e.answer for e in examples] if all(e is not None for e in examples) else None

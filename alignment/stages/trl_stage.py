@@ -26,7 +26,7 @@ from alignment.data.stage_data import StageData
 from alignment.errors import CheckpointError
 from alignment.records import StageResult
 from alignment.scale import checkpoints, preemption
-from alignment.scale.distributed import deepspeed_config, on_rank_zero, unsharded
+from alignment.scale.distributed import deepspeed_config, on_rank_zero, unsharded, world_size
 from alignment.stages.common import StageContext, place, save_checkpoint, seed_everything, stage_result, stage_tokenizer
 from alignment.tracking.base import TrainLogCallback
 
@@ -79,12 +79,13 @@ def run_trl_stage(stage: TRLStage, cfg: TrainConfig, ctx: StageContext) -> Stage
 
 def trainer_kwargs(train: TrainConfig, ctx: StageContext) -> dict[str, Any]:
     """Keyword arguments shared by every TRL config class, from our TrainConfig."""
+    forward, accumulation = train.split_batch(world_size())  # the global batch, whatever the process count
     return {
         "output_dir": str(checkpoints.trainer_dir(ctx.stage_dir)),
         "learning_rate": train.learning_rate,
-        "per_device_train_batch_size": train.per_device_batch_size,
-        "per_device_eval_batch_size": train.per_device_batch_size,
-        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "per_device_train_batch_size": forward,
+        "per_device_eval_batch_size": forward,
+        "gradient_accumulation_steps": accumulation,
         "num_train_epochs": train.num_epochs,
         "max_steps": train.max_steps,
         "warmup_steps": train.warmup_ratio,  # a float < 1 is a ratio of the total steps
