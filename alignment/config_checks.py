@@ -226,6 +226,9 @@ def _validate_ppo(ppo: PPOConfig, *, world: int, used: bool) -> None:
     if ppo.micro_batch_size is not None and (ppo.micro_batch_size < 1 or (used and per_rank % min(ppo.micro_batch_size, per_rank))):
         raise StageError(f"ppo.micro_batch_size={ppo.micro_batch_size} must be >= 1 and divide the {per_rank} rollouts each "
                          f"process trains on per optimiser step (ppo.mini_batch_size {ppo.mini_batch_size} / {world} processes)")
+    if ppo.forward_batch_size is not None and ppo.forward_batch_size < 1:
+        raise StageError(f"ppo.forward_batch_size={ppo.forward_batch_size} must be >= 1 (rows per scoring forward on each process), "
+                         f"or null to score micro_batch_size rows at a time")
     if ppo.max_prompt_tokens < 1:
         raise StageError(f"ppo.max_prompt_tokens={ppo.max_prompt_tokens} must be >= 1")
     if ppo.missing_eos_penalty < 0:

@@ -129,6 +129,26 @@ def _engine_and_rollout(micro_batch_size):
     return cfg, engine, rollout
 
 
+def test_scoring_in_forward_batches_gives_the_same_numbers():
+    """ppo.forward_batch_size bounds the rows of each scoring forward (policy, reference, value):
+    log-probs, values and the token-weighted mean entropy equal those of one forward."""
+    import copy
+
+    from alignment.stages.ppo.rollout import _score
+
+    outputs = []
+    for forward in (None, 3, 1):
+        cfg, engine, rollout = _engine_and_rollout(None)
+        cfg.forward_batch_size = forward
+        outputs.append(_score(cfg, rollout["packed"], engine=engine, reference=copy.deepcopy(engine.policy)))
+    (*whole, whole_entropy), *split = outputs
+    for *tensors, entropy in split:
+        for ours, reference in zip(tensors, whole):
+            torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
+        assert abs(entropy - whole_entropy) < 1e-5
+    assert whole_entropy > 0
+
+
 def test_micro_batches_give_the_same_update_as_one_pass():
     """ppo.micro_batch_size splits each mini-batch and accumulates gradients, each micro-batch
     weighted by its share of the response tokens: the weights after two epochs and the logged

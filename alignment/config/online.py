@@ -40,6 +40,10 @@ class PPOConfig(StageConfig, PretrainingTermConfig):
     # a mini-batch share larger than this is split and its gradients accumulated. None: the
     # whole share at once. Same result either way; smaller bounds activation memory.
     micro_batch_size: Optional[int] = None
+    # Rows per forward on each process when scoring rollouts (log-probs under policy and reference,
+    # values): no gradients are kept there, so it may exceed micro_batch_size (TRL's old
+    # local_rollout_forward_batch_size, verl's log_prob_micro_batch_size). None: micro_batch_size.
+    forward_batch_size: Optional[int] = None
     ppo_epochs: int = 2
     # Learning rate over the stage's optimiser steps (num_rollouts x ppo_epochs x mini-batches per
     # rollout): constant | linear (to 0) | cosine, after warmup_ratio of them at a linear ramp.

@@ -82,9 +82,10 @@ def rollout(cfg: PPOConfig, *, engine: PPOEngine, sampler: RolloutEngine, refere
 
 
 def _micro_batches(cfg: PPOConfig, packed: Packed) -> list[Packed]:
-    """``packed`` in chunks of ``ppo.micro_batch_size`` rows (the whole of it when unset)."""
+    """``packed`` in chunks of ``ppo.forward_batch_size`` rows (else ``ppo.micro_batch_size``;
+    the whole of it when neither is set)."""
     rows = packed.input_ids.size(0)
-    micro = cfg.micro_batch_size or rows
+    micro = cfg.forward_batch_size or cfg.micro_batch_size or rows
     if micro >= rows:
         return [packed]
     return [select(packed, torch.arange(start, min(rows, start + micro), device=packed.input_ids.device)) for start in range(0, rows, micro)]
@@ -92,7 +93,7 @@ def _micro_batches(cfg: PPOConfig, packed: Packed) -> list[Packed]:
 
 def _score(cfg: PPOConfig, packed: Packed, *, engine: PPOEngine, reference):
     """Per-token log-probs (policy, reference), values and the policy's mean entropy, computed
-    ``ppo.micro_batch_size`` rows at a time (the [rows, T, vocab] logits of one micro-batch are all
+    ``ppo.forward_batch_size`` rows at a time (the [rows, T, vocab] logits of one micro-batch are all
     that is held at once)."""
     chunks = _micro_batches(cfg, packed)
     parts: list[tuple[torch.Tensor, ...]] = []
