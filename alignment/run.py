@@ -162,7 +162,8 @@ def _hydra_main(raw: DictConfig) -> None:
     try:
         cfg = typed_config(raw)
         check_config(cfg)
-        log.info("batch sizes: %s", "; ".join(batch_plan(cfg)))
+        if "RANK" not in os.environ:  # the command itself, not each rank it starts
+            log.info("batch sizes: %s", "; ".join(batch_plan(cfg)))
         if cfg.launcher.name == "slurm":
             from alignment.scale.slurm import submit
 
