@@ -28,7 +28,7 @@ from alignment.data.stage_data import StageData, load_suite, preference_file_dat
 from alignment.data.suite import Example, verify
 from alignment.errors import StageError
 from alignment.modeling.generation import as_rendered, generate, render_prompts, render_reply, turn_tail
-from alignment.scale.distributed import on_rank_zero
+from alignment.scale.distributed import gathered, on_rank_zero
 
 
 log = logging.getLogger(__name__)
@@ -133,15 +133,17 @@ def suite_preference_data(
     suite = load_suite(cfg.data.suite)
     held = suite_held_out(suite)
     common = {"cfg": pairs}
-    # Rank 0 samples, every rank receives: ranks never rely on sampling alike (on_rank_zero).
-    train_rows, train_counts = on_rank_zero(lambda: sample_pairs(
-        model, tokenizer, suite.train[: pairs.n_prompts], seed=cfg.seed, scorer=scorer, journal=journal / "train" if journal else None,
-        **common))
     # The held-out pairs cover the prompts evaluation scores (eval.n_prompts), not every held-out
     # prompt: on a real model sampling all of them cost more than the stage's training.
     held_prompts = held.examples[: cfg.eval.n_prompts] if cfg.eval.n_prompts else held.examples
-    eval_rows, eval_counts = on_rank_zero(lambda: sample_pairs(model, tokenizer, held_prompts, seed=cfg.seed + 1,
-                                                               journal=journal / "eval" if journal else None, **common))
+    # Rank 0 samples, every rank receives: ranks never rely on sampling alike (on_rank_zero). A
+    # policy created partitioned under ZeRO-3 is whole on every rank meanwhile (gathered).
+    with gathered(model):
+        train_rows, train_counts = on_rank_zero(lambda: sample_pairs(
+            model, tokenizer, suite.train[: pairs.n_prompts], seed=cfg.seed, scorer=scorer, journal=journal / "train" if journal else None,
+            **common))
+        eval_rows, eval_counts = on_rank_zero(lambda: sample_pairs(model, tokenizer, held_prompts, seed=cfg.seed + 1,
+                                                                   journal=journal / "eval" if journal else None, **common))
     if not train_rows:
         raise StageError("the policy's samples gave no preference pair (every sample equal?); raise <stage>.pairs.n_prompts")
     return StageData(

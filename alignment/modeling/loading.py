@@ -4,15 +4,16 @@ Loaders only load: a tokenizer gets a chat template and a pad token when it lack
 gets the configured dtype and attention kernel. What a stage then switches on (LoRA adapters,
 padding-free forwards) is done by the stage, where a reader sees it (alignment/stages/common.py).
 
-Every model is loaded whole, also while a ZeRO-3 trainer exists (alignment/scale/distributed.py:
-``whole_loading``): the models loaded here are sampled from or scored with before a trainer
-shards them.
+A loader given ``zero3`` (the ZeRO-3 JSON of alignment/scale/distributed.py:
+``zero3_init_config``) creates its model partitioned over the ranks (``model_creation``): no rank
+holds the whole model, and sampling from it on rank 0 gathers it first (``gathered``). Without
+``zero3`` the model is loaded whole, also while a ZeRO-3 trainer exists.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from transformers import (
@@ -27,7 +28,7 @@ from alignment.config import ModelConfig
 from alignment.errors import StageError, UserError
 from alignment.modeling import embedded, lora
 from alignment.modeling.gguf import as_plain_model
-from alignment.scale.distributed import whole_loading
+from alignment.scale.distributed import model_creation
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -88,12 +89,13 @@ def build_embedded_policy(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizer
 
 
 def load_causal_lm(path: str, model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, key: str,
-                   gguf_file: Optional[str] = None) -> PreTrainedModel:
+                   gguf_file: Optional[str] = None, zero3: Optional[dict[str, Any]] = None) -> PreTrainedModel:
     """A causal LM from ``path`` in the configured dtype and attention kernel (4-bit under QLoRA);
     from a GGUF file of ``path`` when ``gguf_file`` is given (transformers dequantises it to the
-    configured dtype)."""
+    configured dtype, on every rank: a GGUF file has no per-tensor lazy reads). Partitioned
+    under ``zero3`` (module docstring)."""
     extra = {"gguf_file": gguf_file} if gguf_file else {}
-    with loading("a model", path, key=key, gguf_file=gguf_file), whole_loading():
+    with loading("a model", path, key=key, gguf_file=gguf_file), model_creation(zero3):
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype_of(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation, **lora.load_kwargs(model_cfg),
             **extra,
@@ -106,10 +108,11 @@ def load_causal_lm(path: str, model_cfg: ModelConfig, tokenizer: PreTrainedToken
     return model
 
 
-def load_reward_model(path: str, model_cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_reward_model(path: str, model_cfg: ModelConfig, *,
+                      zero3: Optional[dict[str, Any]] = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A sequence-classification model with one output from any causal-LM or reward checkpoint,
-    and the tokenizer saved with it."""
-    with loading("a reward model", path, key="the reward model's checkpoint"), whole_loading():
+    and the tokenizer saved with it. Partitioned under ``zero3`` (module docstring)."""
+    with loading("a reward model", path, key="the reward model's checkpoint"), model_creation(zero3):
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, dtype=dtype_of(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation,
@@ -121,9 +124,10 @@ def load_reward_model(path: str, model_cfg: ModelConfig) -> tuple[PreTrainedMode
     return model, tokenizer
 
 
-def load_value_model_from_policy(path: str) -> PreTrainedModel:
-    """A scalar-head model on a policy checkpoint (PPO's ``value_from=policy``); the head is new."""
-    with loading("a value model", path, key="ppo.value_from=policy"), whole_loading():
+def load_value_model_from_policy(path: str, *, zero3: Optional[dict[str, Any]] = None) -> PreTrainedModel:
+    """A scalar-head model on a policy checkpoint (PPO's ``value_from=policy``); the head is new.
+    Partitioned under ``zero3`` (module docstring)."""
+    with loading("a value model", path, key="ppo.value_from=policy"), model_creation(zero3):
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
 
 

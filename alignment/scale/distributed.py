@@ -13,6 +13,7 @@ already initialised and use it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Optional, TypeVar
@@ -80,7 +81,7 @@ def on_rank_zero(compute: Callable[[], T]) -> T:
     For sampling and evaluation: every rank must hold the same pairs and metrics, and sampling is
     not bit-identical across devices, so ranks that each sampled for themselves could disagree
     on a dataset's length and hang the trainer's first collective. Only for work with no
-    collective inside (the models sampled from here are whole on every rank).
+    collective inside: a model partitioned under ZeRO-3 is made whole first (:func:`gathered`).
     """
     if not dist.is_initialized():
         return compute()
@@ -157,13 +158,105 @@ def is_zero3(model: torch.nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
+def zero3_init_config(ds: DeepSpeedConfig, *, dtype: str) -> Optional[dict[str, Any]]:
+    """The DeepSpeed JSON that models are created partitioned with under ZeRO-3 (``deepspeed.zero.Init``), or None
+    without ZeRO-3. Only its ZeRO section and precision matter there; the Trainer's "auto" batch
+    values are not known yet (the trainer builds its engine from its own JSON later), so they get
+    placeholders that DeepSpeed's parser accepts."""
+    if ds.zero_stage != 3:
+        return None
+    out = deepspeed_config(ds)
+    out.pop("optimizer", None)
+    del out["train_batch_size"]  # DeepSpeed derives it (micro batch x accumulation x world)
+    out.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, gradient_clipping=1.0,
+               bf16={"enabled": dtype == "bfloat16"}, fp16={"enabled": dtype == "float16"})
+    return out
+
+
+@contextlib.contextmanager
+def model_creation(zero3: Optional[dict[str, Any]]) -> Iterator[None]:
+    """Inside, ``from_pretrained`` creates models partitioned over the ranks with the ZeRO-3 JSON
+    ``zero3`` (:func:`zero3_init_config`): transformers runs the model's construction under
+    ``deepspeed.zero.Init`` while an ``HfDeepSpeedConfig`` is alive, then loads the checkpoint one
+    module at a time (that module's weights gathered, rank 0 copies the checkpoint's tensors in,
+    DeepSpeed partitions them again), so no rank ever holds the whole model. With ``zero3``
+    None, :func:`whole_loading`."""
+    if zero3 is None:
+        with whole_loading():
+            yield
+        return
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    active = ref() if ref is not None else None
+    config = hf_deepspeed.HfDeepSpeedConfig(zero3)  # registers itself (a global weak reference)
+    try:
+        yield
+    finally:
+        hf_deepspeed.unset_hf_deepspeed_config()
+        if active is not None:
+            hf_deepspeed.set_hf_deepspeed_config(active)
+        del config
+
+
+def partition(model: torch.nn.Module, zero3: Optional[dict[str, Any]]) -> torch.nn.Module:
+    """``model`` (built whole) partitioned over the ranks as if it had been created under
+    ``deepspeed.zero.Init`` with ``zero3``; unchanged when ``zero3`` is None."""
+    if zero3 is not None and not is_zero3(model):
+        import deepspeed
+
+        deepspeed.zero.Init(module=model, config_dict_or_path=zero3)
+    return model
+
+
+def frozen_engine(model: torch.nn.Module, zero3: dict[str, Any]) -> torch.nn.Module:
+    """A model that is never trained (PPO's reference and reward models) as a DeepSpeed ZeRO-3
+    inference engine, as TRL's PPOTrainer prepared them: each rank keeps 1/world of the
+    parameters and every forward gathers a layer's weights just before it runs, so every rank
+    must run the same forwards (the rollout's scoring does). No optimizer, no gradients."""
+    import deepspeed
+
+    config = copy.deepcopy(zero3)
+    config["zero_optimization"].pop("offload_optimizer", None)
+    engine, *_ = deepspeed.initialize(model=model.requires_grad_(False), config=config)
+    engine.eval()  # DeepSpeed's eval() returns None, not the engine
+    return engine
+
+
+@contextlib.contextmanager
+def gathered(*models: Optional[torch.nn.Module]) -> Iterator[None]:
+    """Whole weights, on every rank, for each ZeRO-3-partitioned model of ``models`` (others, and
+    None, pass as they are): for work that rank 0 runs alone (:func:`on_rank_zero`), which
+    cannot take part in a per-layer gather. A collective: every rank enters it. A DeepSpeed
+    engine's per-layer fetch hooks are removed meanwhile (they would release the gathered weights
+    after each layer and gather them again, a collective rank 0 alone would wait on forever)."""
+    partitioned = [m for m in models if m is not None and is_zero3(m)]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+    from trl.models.utils import add_hooks, remove_hooks
+
+    params = list({id(p): p for m in partitioned for p in m.parameters()}.values())
+    engines = [m for m in partitioned if isinstance(m, deepspeed.DeepSpeedEngine)]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        for engine in engines:
+            remove_hooks(engine)
+        try:
+            yield
+        finally:
+            for engine in engines:
+                add_hooks(engine)
+
+
 @contextlib.contextmanager
 def whole_loading() -> Iterator[None]:
     """``from_pretrained`` inside loads whole models even while a ZeRO-3 trainer exists.
 
     transformers partitions every model loaded while a ZeRO-3 TrainingArguments is alive (a
-    global weak reference); our models are loaded before their trainer and sampled from, so
-    they must be whole. The trainer shards them when it starts.
+    global weak reference). The models loaded whole are those used on rank 0 alone or never
+    trained: evaluation copies, pair labellers, a LoRA merge's base. The models a stage trains are
+    created partitioned instead (:func:`model_creation`).
     """
     from transformers.integrations import deepspeed as hf_deepspeed
 

@@ -169,23 +169,40 @@ def stage_tokenizer(ctx: StageContext) -> PreTrainedTokenizerBase:
     return load_tokenizer(ctx.start.path, model_cfg, key=f"model.name_or_path / {ctx.stage}.init_from", gguf_file=ctx.start.gguf_file)
 
 
-def load_policy(ctx: StageContext, tokenizer: PreTrainedTokenizerBase, *, trainable: bool = True) -> PreTrainedModel:
+def load_policy(ctx: StageContext, tokenizer: PreTrainedTokenizerBase, *, trainable: bool = True,
+                sharded: Optional[bool] = None) -> PreTrainedModel:
     """The causal LM the stage starts from, on the stage's device. With model.peft set, a policy the
     stage trains comes wrapped in LoRA adapters (fresh, or the start point's adapter); see
-    alignment/modeling/lora.py."""
+    alignment/modeling/lora.py.
+
+    ``sharded`` (default: ``trainable``): under ZeRO-3 the model is created partitioned over the
+    ranks (:func:`zero3_creation`), so no rank holds all of it; sampling from it on rank 0 alone
+    needs ``distributed.gathered`` around. The embedded toy is built whole and partitioned at once."""
+    zero3 = zero3_creation(ctx) if (trainable if sharded is None else sharded) else None
     if ctx.start.path is None:
-        model = build_embedded_policy(ctx.cfg.model, tokenizer)
+        model = distributed.partition(build_embedded_policy(ctx.cfg.model, tokenizer), zero3)
     else:
         model = load_causal_lm(ctx.start.path, ctx.cfg.model, tokenizer, key=f"model.name_or_path / {ctx.stage}.init_from",
-                               gguf_file=ctx.start.gguf_file)
+                               gguf_file=ctx.start.gguf_file, zero3=zero3)
     return place(lora.attach(model, ctx.cfg, task=lora.CAUSAL_LM, adapter=ctx.start.adapter, trainable=trainable))
+
+
+def zero3_creation(ctx: StageContext) -> Optional[dict[str, Any]]:
+    """The ZeRO-3 JSON that models a stage trains (and PPO's frozen ones) are created partitioned
+    with (alignment/scale/distributed.py: ``zero3_init_config``), or None without ZeRO-3; also None
+    with QLoRA (transformers never partitions a 4-bit base) and for a start adapter that is merged
+    into its base (model.peft unset: peft merges whole weights)."""
+    if ctx.cfg.model.peft == "qlora" or (ctx.start.adapter and ctx.cfg.model.peft is None):
+        return None
+    return distributed.zero3_init_config(ctx.cfg.deepspeed, dtype=ctx.cfg.model.dtype)
 
 
 def place(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` on the device this process trains on (its GPU, else the CPU): every model a stage
     samples from or scores with, so generation and scoring never run on the CPU of a GPU node.
-    A 4-bit QLoRA base was placed by its loader (``device_map``) and stays there."""
-    if getattr(lora.unwrap(model), "hf_device_map", None) is None:
+    A 4-bit QLoRA base was placed by its loader (``device_map``) and stays there; so does a
+    model partitioned under ZeRO-3 (``deepspeed.zero.Init`` put each rank's part on its device)."""
+    if getattr(lora.unwrap(model), "hf_device_map", None) is None and not distributed.is_zero3(model):
         model.to(distributed.device())
     return model
 

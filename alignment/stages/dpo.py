@@ -39,7 +39,7 @@ from alignment.modeling.loading import load_reward_model
 from alignment.modeling.scoring import score_responses
 from alignment.records import StageResult
 from alignment.scale import checkpoints
-from alignment.scale.distributed import unsharded
+from alignment.scale.distributed import is_zero3, unsharded
 from alignment.stages.common import Lazy, StageContext, find_reward_model, load_policy, padding_free, place, require_policy_start
 from alignment.stages.trl_stage import Prepared, TRLStage, run_trl_stage, trainer_kwargs
 
@@ -61,7 +61,7 @@ def prepare(cfg: DPOConfig, ctx: StageContext, tokenizer) -> Prepared:
         _, reward_model, reward_start = labeler.value
         inputs["reward_model"] = reward_start.record()
     return Prepared(model=model, tokenizer=tokenizer, data=data, inputs=inputs,
-                    extras={"reference": reference_model(cfg, model), "reward_model": reward_model})
+                    extras={"reference": reference_model(cfg, ctx, model, tokenizer), "reward_model": reward_model})
 
 
 def precompute_reference(cfg: DPOConfig) -> bool:
@@ -69,13 +69,17 @@ def precompute_reference(cfg: DPOConfig) -> bool:
     return cfg.num_epochs > 1 if cfg.precompute_ref_log_probs is None else cfg.precompute_ref_log_probs
 
 
-def reference_model(cfg: DPOConfig, model):
+def reference_model(cfg: DPOConfig, ctx: StageContext, model, tokenizer):
     """The frozen reference DPO trains against, or None when TRL needs no second model: with
     LoRA it computes the reference on this same model through a frozen copy of the starting
     adapter (for a fresh adapter, zero: the base); with precomputed log-probs it reads the
-    policy once before training."""
+    policy once before training. Under ZeRO-3 (a partitioned policy) it is loaded again,
+    partitioned too; TRL's DPOTrainer then wraps it in a ZeRO-3 inference engine
+    (trl.models.utils.prepare_deepspeed), so each rank holds 1/world of it."""
     if lora.is_peft(model) or precompute_reference(cfg):
         return None
+    if is_zero3(model):
+        return padding_free(load_policy(ctx, tokenizer, trainable=False, sharded=True), ctx).eval().requires_grad_(False)
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 

@@ -31,7 +31,7 @@ from alignment.modeling.loading import load_reward_model
 from alignment.modeling.scoring import plain_text_nll, policy_forward
 from alignment.rewards.functions import build_rewards, reward_model_reward
 from alignment.rewards.preflight import run_preflight
-from alignment.scale.distributed import on_rank_zero, unsharded, world_size
+from alignment.scale.distributed import gathered, on_rank_zero, unsharded, world_size
 from alignment.stages.common import StageContext, find_reward_model, load_policy, place, require_policy_start
 from alignment.stages.trl_stage import Prepared, trainer_kwargs
 
@@ -67,11 +67,12 @@ def prepare(cfg: OnlineRLConfig, ctx: StageContext, tokenizer: PreTrainedTokeniz
     policy = load_policy(ctx, tokenizer)
     if cfg.preflight:
         n = min(cfg.preflight_prompts, len(messages))
-        data.counts["preflight"] = on_rank_zero(lambda: run_preflight(
-            rewards, policy=policy, tokenizer=tokenizer, prompts=messages[:n], columns={k: v[:n] for k, v in columns.items()},
-            references=references[:n] if references is not None else None, num_generations=cfg.num_generations,
-            temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, batch_size=ctx.cfg.eval.batch_size,
-            seed=ctx.cfg.seed + 5, stage=ctx.stage))
+        with gathered(policy):  # created partitioned under ZeRO-3: whole while rank 0 samples
+            data.counts["preflight"] = on_rank_zero(lambda: run_preflight(
+                rewards, policy=policy, tokenizer=tokenizer, prompts=messages[:n], columns={k: v[:n] for k, v in columns.items()},
+                references=references[:n] if references is not None else None, num_generations=cfg.num_generations,
+                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, batch_size=ctx.cfg.eval.batch_size,
+                seed=ctx.cfg.seed + 5, stage=ctx.stage))
     return Prepared(model=policy, tokenizer=tokenizer, data=data, inputs=inputs,
                     extras={"rewards": rewards, "reward_model": reward_model})
 

@@ -33,7 +33,7 @@ from alignment.modeling import lora
 from alignment.modeling.loading import load_reward_model
 from alignment.records import StageResult
 from alignment.scale import checkpoints
-from alignment.stages.common import Lazy, StageContext, load_policy, padding_free, place, require_policy_start
+from alignment.stages.common import Lazy, StageContext, load_policy, padding_free, place, require_policy_start, zero3_creation
 from alignment.stages.trl_stage import Prepared, TRLStage, run_trl_stage, trainer_kwargs
 
 
@@ -50,7 +50,7 @@ def prepare(cfg: RewardConfig, ctx: StageContext, tokenizer) -> Prepared:
     policy = Lazy(lambda: padding_free(load_policy(ctx, tokenizer, trainable=False), ctx))
     data = preference_data(ctx.cfg, cfg, tokenizer=tokenizer, sampling_policy=policy,
                            journal=checkpoints.sampling_dir(ctx.stage_dir, ctx.inputs_key))  # kept across a preemption
-    model, reward_tokenizer = load_reward_model(ctx.start.path, ctx.cfg.model)
+    model, reward_tokenizer = load_reward_model(ctx.start.path, ctx.cfg.model, zero3=zero3_creation(ctx))  # ZeRO-3: created partitioned
     model = place(lora.attach(padding_free(model, ctx), ctx.cfg, task=lora.SEQ_CLS, adapter=ctx.start.adapter))
     return Prepared(model=model, tokenizer=reward_tokenizer, data=data, extras={"policy": policy.value})
 

@@ -28,7 +28,7 @@ from alignment.data.stage_data import sft_data
 from alignment.evaluate import evaluate_held_out
 from alignment.modeling import compact_head
 from alignment.records import StageResult
-from alignment.scale.distributed import on_rank_zero
+from alignment.scale.distributed import gathered, on_rank_zero
 from alignment.stages.common import StageContext, load_policy, padding_free
 from alignment.stages.trl_stage import Prepared, TRLStage, run_trl_stage, trainer_kwargs
 
@@ -46,7 +46,8 @@ def prepare(cfg: SFTConfig, ctx: StageContext, tokenizer) -> Prepared:
     model = padding_free(load_policy(ctx, tokenizer), ctx)
     start_metrics = {}
     if ctx.is_first and ctx.cfg.eval.enabled and ctx.cfg.eval.eval_start_model:
-        start_metrics = on_rank_zero(lambda: evaluate_held_out(model, tokenizer, data.held_out, cfg=ctx.cfg.eval, seed=ctx.cfg.seed))
+        with gathered(model):  # under ZeRO-3 the model was created partitioned: whole while rank 0 evaluates
+            start_metrics = on_rank_zero(lambda: evaluate_held_out(model, tokenizer, data.held_out, cfg=ctx.cfg.eval, seed=ctx.cfg.seed))
     return Prepared(model=model, tokenizer=tokenizer, data=data, start_metrics=start_metrics)
 
 
@@ -54,7 +55,7 @@ def build_trainer(cfg: SFTConfig, ctx: StageContext, prepared: Prepared, **overr
     """TRL's SFTTrainer as this stage runs it; ``overrides`` replace trainer arguments (the
     benchmark's step count). Batches stay padded for TRL's collator and are repacked inside the
     model (``padding_free`` in ``prepare``); the LM head scores response tokens only."""
-    train, loss_mask = _with_loss_mask(prepared.data.train, prepared.tokenizer, assistant_only=cfg.assistant_only_loss)
+    train, loss_mask = with_loss_mask(prepared.data.train, prepared.tokenizer, assistant_only=cfg.assistant_only_loss)
     if "text" in train.column_names:  # plain text in the mixture: tokenized here, loss on all of its tokens
         rows, shares = tokenized_sft_rows(train, prepared.tokenizer, max_seq_tokens=cfg.max_seq_tokens,
                                           responses_only=cfg.assistant_only_loss)
@@ -81,7 +82,7 @@ def evaluate(cfg: SFTConfig, ctx: StageContext, prepared: Prepared, model) -> di
 SFT = TRLStage(prepare=prepare, build_trainer=build_trainer, evaluate=evaluate, loader=AutoModelForCausalLM)
 
 
-def _with_loss_mask(train, tokenizer, *, assistant_only: bool):
+def with_loss_mask(train, tokenizer, *, assistant_only: bool):
     """Rows and the way the loss is restricted to responses.
 
     A template that marks assistant turns with {% generation %} masks every assistant turn

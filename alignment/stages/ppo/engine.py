@@ -12,7 +12,9 @@ log-probs and values, ``engine.zero_grad()``, ``engine.backward(loss, ...)`` per
   DeepSpeed averages, clips and shards. Under ZeRO-3 sampling gathers the policy's weights
   (alignment.distributed.generation_weights).
 
-The frozen models (reference, reward) stay whole on every rank.
+The frozen models (reference, reward) are not the engine's: without ZeRO-3 they are whole on every
+rank; under ZeRO-3 each is a DeepSpeed inference engine of its own (stage.py) holding 1/world of
+its weights on each rank.
 """
 
 from __future__ import annotations

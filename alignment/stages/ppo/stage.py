@@ -8,7 +8,9 @@ process, several, or DeepSpeed) is engine.py. This module sets the stage up and 
 Models: the policy starts from the latest policy checkpoint (SFT), a frozen copy of it is the
 reference (with LoRA: the same network with its adapters disabled), the reward model comes from
 the chain's reward stage (or ``ppo.reward_from``), and the value model starts from the reward
-model (``ppo.value_from=reward``) or from the policy.
+model (``ppo.value_from=reward``) or from the policy. Under ZeRO-3 every one of them is created
+partitioned over the ranks: policy and value model train in PPO's DeepSpeed engine, reference and
+reward model are ZeRO-3 inference engines (``frozen_engine``), whole only while rank 0 evaluates.
 
     python -m alignment.run +recipe=sft_rm_ppo
     python -m alignment.run +recipe=sft_rm_ppo ppo.kl_estimator=k3 ppo.adaptive_kl=true ppo.kl_target=0.5
@@ -31,7 +33,7 @@ from alignment.modeling.generation import render_prompts
 from alignment.modeling.loading import load_reward_model, load_value_model_from_policy
 from alignment.modeling.rollout_engine import rollout_engine
 from alignment.records import StageResult
-from alignment.scale.distributed import on_rank_zero, unsharded
+from alignment.scale.distributed import frozen_engine, gathered, on_rank_zero, unsharded
 from alignment.stages.common import (
     StageContext,
     find_reward_model,
@@ -43,6 +45,7 @@ from alignment.stages.common import (
     seed_everything,
     stage_result,
     stage_tokenizer,
+    zero3_creation,
 )
 from alignment.stages.ppo.engine import PPOEngine
 from alignment.stages.ppo.loop import ppo_loop
@@ -57,18 +60,25 @@ def train_ppo(cfg: PPOConfig, ctx: StageContext) -> StageResult:
     messages, examples, data = prompt_data(ctx.cfg.data, cfg, stage="ppo", n_prompts=cfg.n_prompts, max_prompt_tokens=cfg.max_prompt_tokens,
                                            min_prompts=cfg.rollout_batch_size, seed=ctx.cfg.seed, tokenizer=tokenizer)  # checked before models load
     prompts = [ids[-cfg.max_prompt_tokens:] for ids in render_prompts(tokenizer, messages)]  # over-long: keep the end
+    # Under ZeRO-3 every model here is created partitioned over the ranks (zero3 set): the policy
+    # and value model for PPO's engine, the reference and reward model as ZeRO-3 inference engines.
+    zero3 = zero3_creation(ctx)
     policy = padding_free(load_policy(ctx, tokenizer), ctx)  # with model.peft: a PeftModel (fresh, or init_from's adapter)
     if lora.is_peft(policy):
         if ctx.start.adapter:
             lora.add_reference_adapter(policy)  # a continued adapter: the reference is its frozen copy
         reference = lora.ReferenceView(policy)  # no second model: the same weights, adapters disabled
+    elif zero3 is not None:
+        reference = frozen_engine(padding_free(load_policy(ctx, tokenizer, trainable=False, sharded=True), ctx), zero3)
     else:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    reward_model, reward_tokenizer = load_reward_model(reward_start.path, ctx.cfg.model)
-    reward_model = place(padding_free(reward_model, ctx)).eval().requires_grad_(False)
+    reward_model, reward_tokenizer = load_reward_model(reward_start.path, ctx.cfg.model, zero3=zero3)
     if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise StageError(f"ppo: the reward model {reward_start.path} uses another tokenizer than the policy; train it from the same base")
-    value_model = _value_model(cfg, ctx, reward_start.path)
+    reward_model = place(padding_free(reward_model, ctx)).eval().requires_grad_(False)
+    if zero3 is not None:
+        reward_model = frozen_engine(reward_model, zero3)
+    value_model = _value_model(cfg, ctx, reward_start.path, zero3=zero3)
 
     engine = PPOEngine(cfg, ctx, policy=policy, value_model=value_model)
     sampler = rollout_engine(policy, tokenizer, use_vllm=cfg.use_vllm, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
@@ -91,15 +101,16 @@ def train_ppo(cfg: PPOConfig, ctx: StageContext) -> StageResult:
                     "kl_to_parent": kl_to_reference(policy, reference, tokenizer, held, cfg=eval_cfg, seed=ctx.cfg.seed + 2),
                     "reward_model_score": policy_reward_score(policy, tokenizer, reward_model, held, cfg=eval_cfg, seed=ctx.cfg.seed + 3)}
 
-        metrics.update(on_rank_zero(evaluate))  # rank 0 evaluates, every rank records
+        with gathered(reference, reward_model):  # ZeRO-3 inference engines: whole while rank 0 evaluates
+            metrics.update(on_rank_zero(evaluate))  # rank 0 evaluates, every rank records
     return stage_result(ctx, cfg, saved=saved, data=data, metrics=metrics, inputs={"reward_model": reward_start.record()})
 
 
-def _value_model(cfg: PPOConfig, ctx: StageContext, reward_path: str):
+def _value_model(cfg: PPOConfig, ctx: StageContext, reward_path: str, *, zero3):
     if cfg.value_from == "reward":
-        model, _ = load_reward_model(reward_path, ctx.cfg.model)
+        model, _ = load_reward_model(reward_path, ctx.cfg.model, zero3=zero3)
     else:
-        model = load_value_model_from_policy(ctx.start.path)
+        model = load_value_model_from_policy(ctx.start.path, zero3=zero3)
     model = padding_free(model, ctx)
     model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     return place(lora.unwrap(lora.attach(model, ctx.cfg, task=lora.SEQ_CLS, adapter=None)))  # token_values reads .score
