@@ -13,8 +13,12 @@ A stage boundary leaves two things:
   names, as an absolute path, the base it adapts: the checkpoint the stage started from, or for
   the embedded default model (built in memory) ``adapter/base/``, written alongside;
 - ``<stage>/checkpoint/``: that base with the adapter merged in, a plain HF model. The next stage
-  starts from it. Merging reloads the base unquantised on the CPU, so a QLoRA adapter is merged
-  into full-precision weights, not into their 4-bit rounding.
+  starts from it. Merging reads the base unquantised on the CPU, so a QLoRA adapter is merged
+  into full-precision weights, not into their 4-bit rounding. A policy's adapter on a safetensors
+  base is merged tensor by tensor from the base's files and written shard by shard
+  (alignment/modeling/merge.py): no whole copy of the model on the saving rank. A GGUF or the
+  embedded base, and a reward or value model's adapter (its new score head), still go through
+  peft's merge on the whole base reloaded in the configured dtype.
 
 A stage whose ``init_from`` is an adapter directory loads the adapter's base and keeps training
 that adapter (with ``model.peft`` unset the adapter is merged and the whole model trained).
@@ -49,7 +53,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from alignment.config import AlignmentConfig, LoraConfig, ModelConfig
 from alignment.errors import ConfigError
-from alignment.modeling import embedded
+from alignment.modeling import embedded, merge
 from alignment.modeling.gguf import as_plain_model
 from alignment.records import commit_checkpoint, hash_directory, new_checkpoint_dir
 from alignment.scale import distributed
@@ -210,6 +214,16 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, Any]:
     return {"trainable_params": int(trainable), "total_params": int(total), "trainable_share": trainable / max(1, total)}
 
 
+def gathered_trainable(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The trained parameters (adapters, a score head) of a model partitioned under ZeRO-3, whole,
+    on the CPU: all ``save`` needs, instead of the whole model. A collective: call on every rank."""
+    import deepspeed
+
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+        return {name: p.detach().cpu().clone() for name, p in named}
+
+
 def is_adapter_dir(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file()
 
@@ -259,25 +273,30 @@ def save(
     final = stage_dir / ADAPTER_DIR
     tmp = new_checkpoint_dir(stage_dir, name=ADAPTER_DIR)
     task = model.peft_config[TRAINED].task_type
+    pad_token_id = unwrap(model).config.pad_token_id  # what the stage set (the score is read at the last non-pad token)
+    source = base  # the base's files, read by the merge
     try:
         if base is None:  # the embedded model exists only in memory: write the base next to the adapter
             base_model = _load_unquantised(None, cfg=cfg.model, task=task, tokenizer=tokenizer)
             base_model.save_pretrained(tmp / "base")
             tokenizer.save_pretrained(tmp / "base")
-            base = str((final / "base").resolve())
-        else:
-            base_model = _load_unquantised(base, cfg=cfg.model, task=task, tokenizer=tokenizer, gguf_file=gguf_file)
+            base, source = str((final / "base").resolve()), str(tmp / "base")
         model.peft_config[TRAINED].base_model_name_or_path = base
         # No stage resizes the vocabulary, so no embedding matrix goes with the adapter (and peft
         # does not look the base up on the hub to check).
         model.save_pretrained(tmp, selected_adapters=[TRAINED], state_dict=state_dict, save_embedding_layers=False)
         tokenizer.save_pretrained(tmp)
-        merged = PeftModel.from_pretrained(base_model, tmp).merge_and_unload()
-        # What the stage set on its loaded model (the score is read at the last non-pad token).
-        merged.config.pad_token_id = unwrap(model).config.pad_token_id
-        if getattr(merged, "generation_config", None) is not None:  # a causal LM
-            merged.generation_config.pad_token_id = unwrap(model).config.pad_token_id
-        merged.save_pretrained(merged_dir, safe_serialization=True)
+        if merge.can_stream(source, model.peft_config[TRAINED], gguf_file=gguf_file):
+            # Tensor by tensor from the base's files: no whole copy of the model on this rank.
+            merge.merge_streaming(source, tmp, model.peft_config[TRAINED], out_dir=merged_dir, dtype=getattr(torch, cfg.model.dtype),
+                                  pad_token_id=pad_token_id)
+        else:  # a GGUF or embedded base, a reward model's head: peft merges a whole reloaded base
+            base_model = _load_unquantised(base, cfg=cfg.model, task=task, tokenizer=tokenizer, gguf_file=gguf_file)
+            merged = PeftModel.from_pretrained(base_model, tmp).merge_and_unload()
+            merged.config.pad_token_id = pad_token_id
+            if getattr(merged, "generation_config", None) is not None:  # a causal LM
+                merged.generation_config.pad_token_id = pad_token_id
+            merged.save_pretrained(merged_dir, safe_serialization=True)
         commit_checkpoint(tmp, stage_dir, name=ADAPTER_DIR)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

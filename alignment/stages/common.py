@@ -228,7 +228,10 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     """
     state_dict = None
     if trainer is not None and distributed.is_zero3(trainer.model):
-        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        # A LoRA model gathers its adapter alone (the base on disk is merged into tensor by tensor);
+        # otherwise the whole model, gathered onto rank 0.
+        state_dict = (lora.gathered_trainable(model) if lora.is_peft(model)
+                      else trainer.accelerator.get_state_dict(trainer.model_wrapped))
     answer: tuple[Optional[SavedCheckpoint], Optional[str]] = (None, None)
     if distributed.is_main():
         tmp = new_checkpoint_dir(ctx.stage_dir)
