@@ -16,9 +16,11 @@ A stage boundary leaves two things:
   starts from it. Merging reads the base unquantised on the CPU, so a QLoRA adapter is merged
   into full-precision weights, not into their 4-bit rounding. A policy's adapter on a safetensors
   base is merged tensor by tensor from the base's files and written shard by shard
-  (alignment/modeling/merge.py): no whole copy of the model on the saving rank. A GGUF or the
-  embedded base, and a reward or value model's adapter (its new score head), still go through
-  peft's merge on the whole base reloaded in the configured dtype.
+  (alignment/modeling/merge.py): no whole copy of the model on the saving rank (the embedded
+  toy's base is written to ``adapter/base/`` first and merged from there). A GGUF base and a
+  reward or value model's adapter (its new score head) still go through peft's merge on the
+  whole base reloaded in the configured dtype: a GGUF file is dequantised whole, and the head
+  lives in the adapter, not in the base's files.
 
 A stage whose ``init_from`` is an adapter directory loads the adapter's base and keeps training
 that adapter (with ``model.peft`` unset the adapter is merged and the whole model trained).

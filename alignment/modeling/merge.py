@@ -12,8 +12,9 @@ to the configured dtype, as peft's in-place ``W += delta`` does; the result goes
 shard of the same name as its input shard. At most one input shard's tensors are held at once.
 
 It covers what this project trains as a policy: plain LoRA on ``nn.Linear`` layers of a causal LM
-whose base is a local safetensors directory. Anything else (a GGUF or embedded base, a reward
-model's new score head, DoRA, per-layer ranks) returns False, and the caller merges through peft.
+whose base is a local safetensors directory. Anything else (a GGUF base, a reward model's new
+score head, DoRA, per-layer ranks) is refused by :func:`can_stream`, and the caller merges
+through peft.
 """
 
 from __future__ import annotations
