@@ -235,18 +235,39 @@ def gathered(*models: Optional[torch.nn.Module]) -> Iterator[None]:
         yield
         return
     import deepspeed
-    from trl.models.utils import add_hooks, remove_hooks
 
     params = list({id(p): p for m in partitioned for p in m.parameters()}.values())
     engines = [m for m in partitioned if isinstance(m, deepspeed.DeepSpeedEngine)]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        for engine in engines:
-            remove_hooks(engine)
+        restores = [_lift_fetch_hooks(engine) for engine in engines]
         try:
             yield
         finally:
-            for engine in engines:
-                add_hooks(engine)
+            for restore in restores:
+                restore()
+
+
+def _lift_fetch_hooks(engine) -> Callable[[], None]:
+    """Remove a ZeRO-3 engine's forward hooks; returns the function that puts them back.
+
+    TRL's ``remove_hooks`` lifts the per-module fetch and release hooks but leaves the root
+    module's start-of-forward hook, which (until DeepSpeed has recorded a complete trace) checks
+    that every rank ran the same modules: a collective in every forward. A rank running forwards
+    alone, or ranks generating different numbers of tokens, would wait in it forever, so it is
+    lifted too (DeepSpeed's ``fwd_pre_hook`` handle, a private attribute; re-registered first in
+    line, where DeepSpeed registered it)."""
+    from trl.models.utils import add_hooks, remove_hooks
+
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+    root_hook = offload.module._forward_pre_hooks[offload.fwd_pre_hook.id]
+    offload.fwd_pre_hook.remove()
+    remove_hooks(engine)
+
+    def restore() -> None:
+        add_hooks(engine)
+        offload.fwd_pre_hook = offload.module.register_forward_pre_hook(root_hook, prepend=True)
+
+    return restore
 
 
 @contextlib.contextmanager
@@ -319,11 +340,10 @@ def generation_weights(engine, model: torch.nn.Module) -> Iterator[torch.nn.Modu
         yield model
         return
     import deepspeed
-    from trl.models.utils import add_hooks, remove_hooks
 
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-        remove_hooks(engine)
+        restore = _lift_fetch_hooks(engine)
         try:
             yield model
         finally:
-            add_hooks(engine)
+            restore()
