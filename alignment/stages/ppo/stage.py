@@ -101,7 +101,10 @@ def train_ppo(cfg: PPOConfig, ctx: StageContext) -> StageResult:
                     "kl_to_parent": kl_to_reference(policy, reference, tokenizer, held, cfg=eval_cfg, seed=ctx.cfg.seed + 2),
                     "reward_model_score": policy_reward_score(policy, tokenizer, reward_model, held, cfg=eval_cfg, seed=ctx.cfg.seed + 3)}
 
-        with gathered(reference, reward_model):  # ZeRO-3 inference engines: whole while rank 0 evaluates
+        # Under ZeRO-3, whole while rank 0 evaluates: the inference engines, or with LoRA the trained
+        # engine, whose policy the reference view runs with its adapters disabled.
+        lora_reference = engine.ds_engine if isinstance(reference, lora.ReferenceView) else None
+        with gathered(reference, reward_model, lora_reference):
             metrics.update(on_rank_zero(evaluate))  # rank 0 evaluates, every rank records
     return stage_result(ctx, cfg, saved=saved, data=data, metrics=metrics, inputs={"reward_model": reward_start.record()})
 
