@@ -19,7 +19,7 @@ reward model are ZeRO-3 inference engines (``frozen_engine``), whole only while 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Optional
 
 from transformers import AutoModelForCausalLM
 
@@ -109,7 +109,8 @@ def train_ppo(cfg: PPOConfig, ctx: StageContext) -> StageResult:
     return stage_result(ctx, cfg, saved=saved, data=data, metrics=metrics, inputs={"reward_model": reward_start.record()})
 
 
-def _value_model(cfg: PPOConfig, ctx: StageContext, reward_path: str, *, zero3):
+def _value_model(cfg: PPOConfig, ctx: StageContext, reward_path: str, *, zero3: Optional[dict[str, Any]] = None):
+    """PPO's value model, with a trained head (LoRA: adapters and the head); partitioned under ``zero3``."""
     if cfg.value_from == "reward":
         model, _ = load_reward_model(reward_path, ctx.cfg.model, zero3=zero3)
     else:
