@@ -9,6 +9,7 @@ that need each other or a GPU. Every rule raises one error that names the key an
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -146,6 +147,11 @@ def batch_plan(cfg: AlignmentConfig) -> list[str]:
     return lines
 
 
+def _nearest_multiple(value: int, of: int) -> int:
+    """The multiple of ``of`` nearest ``value`` (never 0)."""
+    return max(of, of * round(value / of))
+
+
 def _check_global_batch(stage: str, train: TrainConfig, world: int) -> None:
     """A global batch that splits evenly over the processes, and accumulation set in one way only."""
     if train.global_batch_size is None:
@@ -247,7 +253,7 @@ def _check_online_rl(cfg: AlignmentConfig, stage: str) -> None:
     if replies % rl.num_generations:
         raise StageError(f"{stage}: {replies} replies per step over {world} processes "
                          f"is not a multiple of {stage}.num_generations={rl.num_generations} (each prompt's group must be whole); "
-                         f"e.g. {stage}.global_batch_size={rl.num_generations * max(1, replies // rl.num_generations)}")
+                         f"e.g. {stage}.global_batch_size={_nearest_multiple(replies, math.lcm(rl.num_generations, world))}")
     if rl.max_new_tokens < 1 or rl.max_seq_tokens - rl.max_new_tokens < MIN_SEQ_TOKENS:
         raise StageError(f"{stage}: max_seq_tokens={rl.max_seq_tokens} must leave at least {MIN_SEQ_TOKENS} prompt tokens after "
                          f"max_new_tokens={rl.max_new_tokens} (and max_new_tokens >= 1)")

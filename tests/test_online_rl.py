@@ -94,7 +94,9 @@ def test_grpo_against_the_chains_reward_model_with_weights(run_recipe):
     (["grpo.rewards=[{name: verifier_typo}]"], r"grpo\.rewards\[0\]: 'verifier_typo' is not a reward"),
     (["grpo.rewards=[{name: reward_model}]"], r"reward_model needs a reward model: put a reward stage before grpo"),
     (["grpo.rewards=[]"], r"grpo\.rewards is empty"),
-    (["grpo.num_generations=3"], r"64 replies per step is not a multiple of grpo\.num_generations=3"),
+    (["grpo.num_generations=3"], r"64 replies per step over 1 processes is not a multiple of grpo\.num_generations=3 .*"
+                                 r"e\.g\. grpo\.global_batch_size=63"),
+    (["grpo.num_generations=3", "launcher.nproc_per_node=2"], r"e\.g\. grpo\.global_batch_size=66"),
     (["grpo.num_generations=1"], r"grpo\.num_generations=1 must be >= 2"),
     (["grpo.temperature=0"], r"grpo\.temperature=0\.0 must be > 0"),
     (["grpo.beta=-0.1"], r"grpo: beta must be >= 0"),
