@@ -53,6 +53,12 @@ class DeepSpeedConfig:
     overlap_comm: Optional[bool] = None
     reduce_bucket_size: int = 500_000_000  # elements per gradient reduction (DeepSpeed's default)
     allgather_bucket_size: int = 500_000_000  # elements per parameter all-gather (ZeRO 1-2)
+    # ZeRO-3: gathered parameters a rank keeps alive (elements), and how soon (in elements fetched)
+    # a parameter must be reused to stay gathered. DeepSpeed's defaults (1e9 each) keep a model
+    # under a billion parameters gathered whole through each step; lower both (e.g. to the largest
+    # layer's size) when per-rank memory matters more than re-gathering.
+    max_live_parameters: int = 1_000_000_000
+    max_reuse_distance: int = 1_000_000_000
 
 
 @dataclass

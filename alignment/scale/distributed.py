@@ -125,6 +125,7 @@ def deepspeed_config(ds: DeepSpeedConfig) -> Optional[dict[str, Any]]:
     if ds.zero_stage == 3:
         # Full weights on rank 0 at save time: stage boundaries write ordinary HF checkpoints.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        zero.update(stage3_max_live_parameters=ds.max_live_parameters, stage3_max_reuse_distance=ds.max_reuse_distance)
     pin = torch.cuda.is_available()
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
