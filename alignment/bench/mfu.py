@@ -5,18 +5,8 @@ trainer built by the stage module's own ``build_trainer`` (as alignment/bench/tr
 builds "ours"), and times the last ``--steps`` (alignment/bench/steps.py's ``StepClock``, real
 tokens counted by wrapping ``compute_loss``). MFU = tokens/s x FLOPs per token / peak FLOP/s.
 
-FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B: 6N + 12·L·H·Q·T, H·Q = d), for N
-parameters (the tied embedding once: it is the LM head's matmul), L layers of width d, and T
-the mean real length of the timed steps' sequences (attention stays within a sequence: our
-batches are packed per sequence, alignment/modeling/packing.py). One forward is 2N + 4·L·d·T, so
-
-    SFT: 6N + 12·L·d·T   (forward + backward, the backward twice the forward)
-    DPO: 8N + 16·L·d·T   (the policy's forward + backward and the reference's forward)
-
-DPO counts every token of the chosen and the rejected sequence, as the step benchmark does.
-Our DPO runs a pair's shared prompt once (packing) and our LM head scores labelled positions
-only (alignment/modeling/compact_head.py), so less arithmetic is done than counted: this is the
-conventional, comparable MFU (recomputation under gradient checkpointing is not counted either).
+FLOPs per token and the measured peak: alignment/bench/flops.py (SFT 6N + 12·L·d·T, DPO 8N +
+16·L·d·T; what is counted and what is not).
 
 Peak: a square matmul timed on the same device (8192 in bf16 on CUDA, 1024 in float32 on CPU).
 It is below a datasheet peak (H100 bf16 dense: 989 TFLOP/s), so MFU reads higher against it;
@@ -38,7 +28,6 @@ import random
 import string
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +36,7 @@ import torch
 import transformers
 from datasets import Dataset
 
+from alignment.bench.flops import MATMUL, flops_per_token, matmul_peak_tflops
 from alignment.bench.steps import train_and_measure
 from alignment.data.stage_data import HeldOut, StageData
 from alignment.modeling import embedded
@@ -60,29 +50,7 @@ SIZES = {
     "0.5b": {"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "intermediate_size": 5120},
     "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128},
 }
-PASSES = {"sft": 3, "dpo": 4}  # forward-equivalents per token: SFT fwd + bwd (2x); DPO adds the reference's fwd
-MATMUL = {"cuda": (8192, torch.bfloat16), "cpu": (1024, torch.float32)}
 TEMPLATE_TOKENS = 4  # rendered tokens that are not content: <|user|>, <|end|>, <|assistant|>, <|end|>
-
-
-def flops_per_token(stage: str, *, n_params: int, n_layers: int, d_model: int, mean_seq_tokens: float) -> float:
-    """Training FLOPs per token (PaLM appendix B): passes x (2N + 4·L·d·T)."""
-    return PASSES[stage] * (2 * n_params + 4 * n_layers * d_model * mean_seq_tokens)
-
-
-def matmul_peak_tflops(device: str, *, warmup: int = 3, calls: int = 20) -> float:
-    """Achieved TFLOP/s of a square matmul on ``device``: the peak MFU is measured against."""
-    size, dtype = MATMUL[device]
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    out, sync = torch.empty_like(a), torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        torch.matmul(a, b, out=out)
-    sync()
-    started = time.perf_counter()
-    for _ in range(calls):
-        torch.matmul(a, b, out=out)
-    sync()
-    return 2 * size**3 * calls / (time.perf_counter() - started) / 1e12
 
 
 def synthetic_rows(stage: str, *, n_rows: int, seq_tokens: int) -> Dataset:
@@ -116,7 +84,7 @@ def _build_trainer(stage: str, cfg, *, init_dir: Path, run_dir: Path, rows: Data
     data = StageData(train=rows, held_out=HeldOut(), fingerprint="bench", counts={})
     if stage == "sft":
         return sft.build_trainer(cfg.sft, ctx, Prepared(model, tokenizer, data), **overrides)
-    return dpo.build_trainer(cfg.dpo, ctx, Prepared(model, tokenizer, data, extras={"reference": dpo.reference_model(cfg.dpo, model)}),
+    return dpo.build_trainer(cfg.dpo, ctx, Prepared(model, tokenizer, data, extras={"reference": dpo.reference_model(cfg.dpo, ctx, model, tokenizer)}),
                              **overrides)
 
 

@@ -1,5 +1,6 @@
 """One timed training run: wall time per optimiser step, real tokens per step, first-step loss
-and peak memory, for one stage and one side (ours or TRL's default; see trainers.py).
+peak memory and FLOPs per token, for one stage and one side (ours, TRL tuned or TRL's default;
+see trainers.py).
 
 A step's time runs from the end of the previous step to the end of this one, so it includes
 data loading and whatever the trainer does between steps, as a user's run would. The first
@@ -15,6 +16,9 @@ resident set (read from /proc every few milliseconds) at its highest during ``tr
 its size just before, i.e. what training added on top of the loaded model and data. Each run
 has a process of its own (``python -m alignment.bench.steps``, started by the benchmark), so
 no memory freed by an earlier run is reused unseen; ``--in-process`` trades that for speed.
+
+Utilisation: FLOPs per trained token as alignment/bench/flops.py counts them, times tokens/s
+(``achieved_tflops``); the benchmark divides it by the matmul peak it measured.
 
     python -m alignment.bench.steps --stage dpo --side ours --steps 10 --warmup 2 --out run.json
 """
@@ -38,7 +42,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from alignment.bench.trainers import STAGES, Workload, bench_config, build_trainer, build_workload
+from alignment.bench.flops import flops_per_token, model_shape
+from alignment.bench.trainers import SIDES, STAGES, Workload, bench_config, build_trainer, build_workload
 
 
 class StepClock(TrainerCallback):
@@ -103,17 +108,21 @@ def count_tokens_and_first_loss(trainer, tokens_per_step: list[int], first_loss:
 
 
 def real_tokens(inputs: dict[str, Any], *, pad_token_id: int) -> int:
-    """Non-pad tokens of a collated batch. TRL's SFT collator sends no attention mask (the
-    model builds it), so there the pad token is counted out of ``input_ids``; with a pad token
-    equal to EOS that misses the EOS tokens (not the case for the embedded tokenizer)."""
+    """Non-pad tokens of a collated batch: the attention mask's ones where there is one; for TRL's
+    padding-free SFT batch (every sequence in one row, no mask) the end of its last sequence
+    (``cu_seq_lens_q``); otherwise the tokens that are not the pad token, which with a pad token
+    equal to EOS misses the EOS tokens (not the case for the embedded tokenizer)."""
     if "attention_mask" in inputs:
         return int(inputs["attention_mask"].sum())
+    if "cu_seq_lens_q" in inputs:
+        return int(inputs["cu_seq_lens_q"][-1])
     return int((inputs["input_ids"] != pad_token_id).sum())
 
 
 def train_and_measure(trainer, *, steps: int, warmup: int, device: str) -> tuple[list[float], list[int], float, int]:
     """Run ``trainer.train()`` (``warmup + steps`` steps); the last ``steps`` steps' seconds and
-    real tokens, the first micro-batch's loss, and peak memory in bytes (see the module docstring)."""
+    real tokens, the first micro-batch's loss, and peak memory in bytes (see the module docstring).
+    On CPU the whole process's peak RSS is kept too, in ``trainer.peak_rss_bytes``."""
     clock, tokens, first_loss = StepClock(), [], []
     trainer.add_callback(clock)
     count_tokens_and_first_loss(trainer, tokens, first_loss)
@@ -125,6 +134,7 @@ def train_and_measure(trainer, *, steps: int, warmup: int, device: str) -> tuple
         trainer.train()
     step_seconds = [b - a for a, b in zip(clock.marks, clock.marks[1:])][warmup:]
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak_bytes - before
+    trainer.peak_rss_bytes = rss.peak_bytes
     return step_seconds, tokens[warmup : warmup + steps], first_loss[0], peak
 
 
@@ -138,18 +148,31 @@ def timed_run(stage: str, side: str, w: Workload, *, steps: int, warmup: int, th
     # while the trainer is built: the timed steps carry their share of it.
     precompute_share = sum(precompute_seconds) * steps / (warmup + steps)
     args = trainer.args
+    # Every step trains on exactly one batch of rows (rows are never cut); pairs are two sequences.
+    sequences = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * (1 if stage == "sft" else 2)
+    shape = model_shape(trainer.model, stage)
+    mean_seq = sum(timed_tokens) / sequences
+    tokens_per_second = sum(timed_tokens) / (sum(step_seconds) + precompute_share)
+    per_token = flops_per_token(stage, n_params=shape["parameters"], n_layers=shape["n_layers"], d_model=shape["d_model"],
+                                mean_seq_tokens=mean_seq)
     result = {
         "stage": stage,
         "side": side,
         "step_seconds": step_seconds,
         "tokens": timed_tokens,
-        "tokens_per_second": sum(timed_tokens) / (sum(step_seconds) + precompute_share),
+        "tokens_per_second": tokens_per_second,
         "precompute_seconds": sum(precompute_seconds),
         "first_loss": first_loss,
         "peak_memory_mb": peak / 2**20,
+        "peak_rss_mb": getattr(trainer, "peak_rss_bytes", 0) / 2**20,
+        "model": shape,
+        "mean_seq_tokens": mean_seq,
+        "flops_per_token": per_token,
+        "achieved_tflops": tokens_per_second * per_token / 1e12,
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         "gradient_checkpointing": bool(args.gradient_checkpointing),
         "lr_scheduler": getattr(args.lr_scheduler_type, "value", str(args.lr_scheduler_type)),
+        "padding_free": bool(getattr(args, "padding_free", False)) or side == "ours" and w.cfg.model.padding_free,
     }
     del trainer
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -183,11 +206,12 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def run_in_child(stage: str, side: str, *, steps: int, warmup: int, threads: int, device: str, tiny: bool,
-                 dpo_sft_weight: float | None, overrides: list[str], work_dir: Path) -> dict[str, Any]:
-    """``timed_run`` in a fresh process (its own workload, same seed: the same rows and weights)."""
+                 dpo_sft_weight: float | None, overrides: list[str], work_dir: Path, init_dir: Path) -> dict[str, Any]:
+    """``timed_run`` in a fresh process (its own workload, same seed: the same rows; the initial
+    model that the benchmark saved once in ``init_dir``)."""
     out = work_dir / f"{stage}_{side}_{time.monotonic_ns()}.json"
     cmd = [sys.executable, "-m", "alignment.bench.steps", "--stage", stage, "--side", side, "--steps", str(steps),
-           "--warmup", str(warmup), "--threads", str(threads), "--device", device, "--out", str(out)]
+           "--warmup", str(warmup), "--threads", str(threads), "--device", device, "--init-dir", str(init_dir), "--out", str(out)]
     cmd += ["--tiny"] if tiny else []
     cmd += ["--dpo-sft-weight", str(dpo_sft_weight)] if dpo_sft_weight is not None else []
     done = subprocess.run([*cmd, "--", *overrides], capture_output=True, text=True)
@@ -202,13 +226,14 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description="one timed run of the step benchmark (see alignment.bench)")
     parser.add_argument("--stage", choices=STAGES, required=True)
-    parser.add_argument("--side", choices=("ours", "trl"), required=True)
+    parser.add_argument("--side", choices=SIDES, required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--warmup", type=int, required=True)
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--device", choices=("cpu", "cuda"), required=True)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--dpo-sft-weight", type=float, default=None)
+    parser.add_argument("--init-dir", type=Path, default=None, help="an initial model saved by the benchmark (default: save one)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -217,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = bench_config(tiny=args.tiny, dpo_sft_weight=args.dpo_sft_weight, rows_for_steps=args.warmup + args.steps,
                        overrides=args.overrides)
     with tempfile.TemporaryDirectory(prefix="alignment_bench_") as tmp:
-        workload = build_workload(cfg, work_dir=Path(tmp))
+        workload = build_workload(cfg, work_dir=Path(tmp), init_dir=args.init_dir)
         result = timed_run(args.stage, args.side, workload, steps=args.steps, warmup=args.warmup, threads=args.threads,
                            device=args.device, run_dir=Path(tmp) / "run")
     args.out.write_text(json.dumps(result))
