@@ -91,10 +91,13 @@ def _peak_kib(pid: int) -> Optional[int]:
     return int(line.split()[1])
 
 
-def measure(overrides: list[str], *, log: Path) -> dict[int, float]:
-    """Run the pipeline with ``overrides``; each rank's peak RSS in MiB."""
+def measure(overrides: list[str], *, log: Path) -> tuple[dict[int, float], list[list[float]]]:
+    """Run the pipeline with ``overrides``; each rank's peak RSS in MiB, and the peaks over time
+    ([seconds, rank, MiB] every half second, to see which phase sets it beside the run's log)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     peaks: dict[int, int] = {}
+    series: list[list[float]] = []
+    started = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "alignment.run", *overrides], env=env, stdout=out, stderr=subprocess.STDOUT)
         while proc.poll() is None:
@@ -102,10 +105,11 @@ def measure(overrides: list[str], *, log: Path) -> dict[int, float]:
                 rank, peak = _rank_of(pid), _peak_kib(pid)
                 if rank is not None and peak is not None:
                     peaks[rank] = max(peaks.get(rank, 0), peak)
+                    series.append([round(time.monotonic() - started, 1), rank, round(peak / 1024)])
             time.sleep(0.5)
     if proc.returncode != 0:
         raise SystemExit(f"run failed ({proc.returncode}); see {log}")
-    return {rank: kib / 1024 for rank, kib in sorted(peaks.items())}
+    return {rank: kib / 1024 for rank, kib in sorted(peaks.items())}, series
 
 
 def main() -> None:
@@ -137,9 +141,10 @@ def main() -> None:
                          *([f"deepspeed.reduce_bucket_size={bucket}"] if bucket else []),
                          *([f"deepspeed.max_live_parameters={live}", f"deepspeed.max_reuse_distance={live}"] if live else [])]
             started = time.monotonic()
-            peaks = measure(overrides, log=args.work / f"{name}.log")
-            results.append({"name": name, "stage": stage, "deepspeed": option, "reduce_bucket_size": bucket, "peak_rss_mib": peaks,
-                            "seconds": time.monotonic() - started, "overrides": overrides})
+            peaks, series = measure(overrides, log=args.work / f"{name}.log")
+            results.append({"name": name, "stage": stage, "deepspeed": option, "reduce_bucket_size": bucket, "live_parameters": live,
+                            "peak_rss_mib": peaks, "seconds": time.monotonic() - started, "overrides": overrides,
+                            "peak_over_time": series})
             print(f"{name:28s} " + "  ".join(f"rank {r}: {v:7.0f} MiB" for r, v in peaks.items()), flush=True)
             names = {r["name"] for r in results}
             args.out.write_text(json.dumps([r for r in previous if r.get("name") not in names] + results, indent=1))

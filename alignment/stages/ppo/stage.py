@@ -90,10 +90,10 @@ def train_ppo(cfg: PPOConfig, ctx: StageContext) -> StageResult:
 
     with engine.whole_policy() as whole:
         saved = save_checkpoint(whole, tokenizer, ctx)
-    policy = place(unsharded(policy, saved.path, loader=AutoModelForCausalLM))
     metrics: dict[str, Any] = {"train_steps": len(history), "history": history, **{f"final/{k}": v for k, v in history[-1].items()}}
     metrics["stopped_early"] = history[-1].get("stopped_early")
     if ctx.cfg.eval.enabled:
+        policy = place(unsharded(policy, saved.path, loader=AutoModelForCausalLM))  # ZeRO-3: a whole copy, for rank 0 to evaluate
         held, eval_cfg = data.held_out, ctx.cfg.eval
 
         def evaluate() -> dict[str, Any]:
