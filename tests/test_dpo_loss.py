@@ -52,7 +52,7 @@ def _pipeline_dpo_trainer(tmp_path, model, tok, rows, *overrides, sft_loss_weigh
                           *overrides])
     ctx = StageContext(cfg=cfg, run_dir=tmp_path, stage_dir=tmp_path / "dpo", stage="dpo", start=StartPoint(None, None), is_first=False)
     data = StageData(train=Dataset.from_list(rows), held_out=HeldOut(), fingerprint="test", counts={})
-    prepared = Prepared(model, tok, data, extras={"reference": dpo.reference_model(cfg.dpo, model)})
+    prepared = Prepared(model, tok, data, extras={"reference": dpo.reference_model(cfg.dpo, ctx, model, tok)})
     return dpo.build_trainer(cfg.dpo, ctx, prepared, max_steps=1, save_strategy="no", use_cpu=True)
 
 
