@@ -53,15 +53,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (the README's `-n auto --dist loadgroup`), every Slurm test runs on one
-    worker: they share one cluster (a session fixture starts it), which two workers would each try
-    to start."""
-    for item in items:
-        if item.get_closest_marker("slurm"):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-
-
 @pytest.fixture
 def run_recipe(tmp_path):
     """Compose a recipe with the tiny overrides and run it in this process."""

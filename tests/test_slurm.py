@@ -20,7 +20,7 @@ import pytest
 from conftest import TINY
 from slurm_cluster import read_result, slurm_cluster, slurm_config, submit_tiny, tail, wait_for_file, wait_for_job  # noqa: F401 (a fixture)
 
-pytestmark = pytest.mark.slurm
+pytestmark = pytest.mark.slurm  # run apart from the xdist workers (README's test command): one cluster, one test at a time
 
 
 def command_words(script: str) -> list[str]:
