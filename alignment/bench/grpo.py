@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
+from alignment.bench.ppo import phase_summary, print_phases
 from alignment.bench.steps import StepClock
 from alignment.bench.trainers import TINY_MODEL, bench_config, build_workload
 from alignment.modeling.loading import load_tokenizer
 from alignment.run import compose_config
 from alignment.stages.common import StageContext, StartPoint
 
-PHASES = ("generation", "scoring", "training")
 
 
 def _time_phases(trainer, record: dict[str, list[float]]) -> None:
@@ -94,23 +94,11 @@ def grpo_phases(*, steps: int, warmup: int, threads: int, tiny: bool, overrides:
         "num_generations": cfg.grpo.num_generations,
         "max_new_tokens": cfg.grpo.max_new_tokens,
         "step_seconds_median": statistics.median(step_seconds[warmup:]),
-        "phases": {
-            phase: {
-                "seconds_median": statistics.median(seconds[phase]),
-                "seconds_min": min(seconds[phase]),
-                "seconds_max": max(seconds[phase]),
-                "share_of_step": sum(seconds[phase]) / sum(step_seconds[warmup:]),
-                "tokens_per_second": sum(tokens[phase]) / max(sum(seconds[phase]), 1e-9),
-            }
-            for phase in PHASES
-        },
+        "phases": phase_summary(seconds, tokens, step_seconds[warmup:]),
     }
 
 
 def print_grpo(result: dict[str, Any]) -> None:
     print(f"grpo: {result['steps']} steps of {result['replies_per_step']} replies ({result['num_generations']} per prompt), up to "
           f"{result['max_new_tokens']} new tokens; median step {result['step_seconds_median']:.2f} s")
-    print(f"{'phase':<11} {'median s':>9} {'min s':>9} {'max s':>9} {'share':>6} {'tok/s':>9}")
-    for phase, r in result["phases"].items():
-        print(f"{phase:<11} {r['seconds_median']:9.3f} {r['seconds_min']:9.3f} {r['seconds_max']:9.3f} {r['share_of_step']:6.1%} "
-              f"{r['tokens_per_second']:9.0f}")
+    print_phases(result["phases"])

@@ -58,23 +58,33 @@ def ppo_phases(*, steps: int, warmup: int, threads: int, tiny: bool, overrides: 
         "rollout_batch_size": cfg.ppo.rollout_batch_size,
         "max_new_tokens": cfg.ppo.max_new_tokens,
         "step_seconds_median": statistics.median(step_seconds),
-        "phases": {
-            phase: {
-                "seconds_median": statistics.median(seconds[phase]),
-                "seconds_min": min(seconds[phase]),
-                "seconds_max": max(seconds[phase]),
-                "share_of_step": sum(seconds[phase]) / sum(step_seconds),
-                "tokens_per_second": sum(tokens[phase]) / sum(seconds[phase]),
-            }
-            for phase in PHASES
-        },
+        "phases": phase_summary(seconds, tokens, step_seconds),
     }
 
 
 def print_ppo(result: dict[str, Any]) -> None:
     print(f"ppo: {result['rollouts']} rollouts of {result['rollout_batch_size']} prompts, up to {result['max_new_tokens']} new "
           f"tokens; median step {result['step_seconds_median']:.2f} s")
+    print_phases(result["phases"])
+
+
+def phase_summary(seconds: dict[str, list[float]], tokens: dict[str, list[float]], step_seconds: list[float]) -> dict[str, dict]:
+    """Per phase of an RL step (PPO's or GRPO's), over the timed steps: median, min and max
+    seconds, share of the steps' time and tokens per second."""
+    return {
+        phase: {
+            "seconds_median": statistics.median(seconds[phase]),
+            "seconds_min": min(seconds[phase]),
+            "seconds_max": max(seconds[phase]),
+            "share_of_step": sum(seconds[phase]) / sum(step_seconds),
+            "tokens_per_second": sum(tokens[phase]) / max(sum(seconds[phase]), 1e-9),
+        }
+        for phase in PHASES
+    }
+
+
+def print_phases(phases: dict[str, dict]) -> None:
     print(f"{'phase':<11} {'median s':>9} {'min s':>9} {'max s':>9} {'share':>6} {'tok/s':>9}")
-    for phase, r in result["phases"].items():
+    for phase, r in phases.items():
         print(f"{phase:<11} {r['seconds_median']:9.3f} {r['seconds_min']:9.3f} {r['seconds_max']:9.3f} {r['share_of_step']:6.1%} "
               f"{r['tokens_per_second']:9.0f}")
